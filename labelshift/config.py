@@ -73,13 +73,13 @@ class OptimConfig(_Strict):
     checkpoint_every: int = 200
     log_every: int = 50
     seed: int = 0
+    amp_bf16: bool = True  # bf16 autocast + channels_last when training on CUDA
 
 
 class DistillConfig(OptimConfig):
     init: Literal["fresh", "adapted"] = "fresh"
     confidence_threshold: float = Field(0.0, ge=0.0, lt=1.0)
     sync_bn: bool = False
-    soft_targets: bool = False
 
 
 class TrainConfig(_Strict):
@@ -105,6 +105,7 @@ class PriorConfig(_Strict):
     em_sample_pixels: int = 200_000
     presence_threshold: float = 0.001
     bootstrap: int = 100
+    oracle: bool = True  # measure estimates against target-train labels when they exist (never used to train)
     max_images: int | None = None
 
 

@@ -1,0 +1,108 @@
+"""The one home of the label-shift maths: ``z' = z / T − τ_s·log π_s + τ_t·log π_t``.
+
+Inference Adjustment (IA) at evaluation, pseudo-labelling, Tune trials, the HTTP server and the loss of
+Classifier Refinement (CR) all call :func:`adjust_logits`; nothing else writes ``log π_t − log π_s``.
+
+Priors are :class:`~labelshift.priors.ClassPrior` objects or 1-D weight vectors (torch tensors, numpy
+arrays, sequences; normalised and floored at :data:`~labelshift.priors.PRIOR_FLOOR`). The log-prior
+vector is computed in float64 and cast to the logits' dtype and device.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from labelshift.classes import IGNORE_INDEX
+from labelshift.priors import ClassPrior, check_compatible, floor_probabilities
+
+PriorLike = Union[ClassPrior, torch.Tensor, np.ndarray, Sequence[float]]
+
+
+def log_prior(prior: PriorLike, num_classes: int | None = None, *, role: str = "prior") -> torch.Tensor:
+    """(K,) float64 CPU tensor of log π for a ClassPrior or a 1-D weight vector (normalised, floored).
+
+    ``num_classes``: the expected K; a prior of another length raises ``ValueError``.
+    """
+    if isinstance(prior, ClassPrior):
+        probs = prior.probs
+    else:
+        weights = prior.detach().to("cpu", torch.float64).numpy() if torch.is_tensor(prior) else prior
+        weights = np.asarray(weights, dtype=np.float64)
+        if weights.ndim != 1:
+            raise ValueError(f"{role} must be a 1-D vector over classes, got shape {weights.shape}")
+        probs = floor_probabilities(weights)
+    if num_classes is not None and probs.shape[0] != num_classes:
+        raise ValueError(f"{role} has {probs.shape[0]} classes but the logits have {num_classes}")
+    return torch.from_numpy(np.log(probs))
+
+
+def log_prior_ratio(source_prior: PriorLike, target_prior: PriorLike, *, tau_source: float = 1.0,
+                    tau_target: float = 1.0, num_classes: int | None = None) -> torch.Tensor:
+    """(K,) float64 CPU tensor ``τ_t·log π_t − τ_s·log π_s``; ClassPrior pairs must be compatible."""
+    if isinstance(source_prior, ClassPrior) and isinstance(target_prior, ClassPrior):
+        check_compatible(source_prior, target_prior)
+    log_source = log_prior(source_prior, num_classes, role="source prior")
+    log_target = log_prior(target_prior, num_classes, role="target prior")
+    if log_source.shape != log_target.shape:
+        raise ValueError(f"source prior has {log_source.shape[0]} classes, target prior {log_target.shape[0]}")
+    return tau_target * log_target - tau_source * log_source
+
+
+def _class_axis(dim: int, ndim: int) -> int:
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"dim {dim} is out of range for logits with {ndim} dimensions")
+    return dim % ndim
+
+
+def adjust_logits(logits: torch.Tensor, source_prior: PriorLike, target_prior: PriorLike, *,
+                  temperature: float = 1.0, tau_source: float = 1.0, tau_target: float = 1.0,
+                  dim: int = 1) -> torch.Tensor:
+    """Inference Adjustment: ``logits / temperature − τ_s·log π_s + τ_t·log π_t`` along the class ``dim``.
+
+    logits: any floating tensor with K classes along ``dim`` — (N, K, H, W), (N, K) with ``dim=1``,
+    (K,) or (..., K) with ``dim=-1``; any device and dtype (the result has the same).
+    source_prior, target_prior: ClassPrior (a compatible pair) or (K,) weights.
+    Returns a tensor of the logits' shape, dtype and device.
+    """
+    if not torch.is_tensor(logits) or not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point torch tensor, got {type(logits).__name__}"
+                        + (f" of {logits.dtype}" if torch.is_tensor(logits) else ""))
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    axis = _class_axis(dim, logits.ndim)
+    num_classes = logits.shape[axis]
+    shift = log_prior_ratio(source_prior, target_prior, tau_source=tau_source, tau_target=tau_target,
+                            num_classes=num_classes)
+    view = [1] * logits.ndim
+    view[axis] = num_classes
+    shift = shift.to(device=logits.device, dtype=logits.dtype).view(view)
+    scaled = logits if temperature == 1.0 else logits / temperature
+    return scaled + shift
+
+
+def logit_adjusted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, source_prior: PriorLike,
+                                 target_prior: PriorLike, *, tau: float = 1.0,
+                                 ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The CR loss: cross-entropy of ``logits + τ·(log π_s − log π_t)``, averaged over valid pixels only.
+
+    logits: (N, K, H, W) or (N, K); labels: (N, H, W) or (N,) int64, ``ignore_index`` ignored.
+    Training this loss on source labels makes the raw logits approximate the target posterior.
+    Unlike the reference (which averaged over all pixels, ignored ones included), the mean is over
+    valid pixels; with no valid pixel the loss is 0 and still carries a (zero) gradient.
+    Returns a scalar tensor.
+    """
+    adjusted = adjust_logits(logits, target_prior, source_prior, tau_source=tau, tau_target=tau, dim=1)
+    loss_sum = F.cross_entropy(adjusted, labels, ignore_index=ignore_index, reduction="sum")
+    num_valid = (labels != ignore_index).sum().clamp_min(1)  # stays on the device: no host sync
+    return loss_sum.to(torch.promote_types(loss_sum.dtype, torch.float32)) / num_valid
+
+
+def adjusted_probabilities(logits: torch.Tensor, source_prior: PriorLike, target_prior: PriorLike,
+                           **adjust_kwargs: Any) -> torch.Tensor:
+    """``softmax(adjust_logits(...))`` along the class dim (``dim`` in ``adjust_kwargs``, default 1)."""
+    dim = adjust_kwargs.get("dim", 1)
+    return torch.softmax(adjust_logits(logits, source_prior, target_prior, **adjust_kwargs), dim=dim)

@@ -1,0 +1,105 @@
+"""Batched prediction and evaluation over a loader.
+
+``predict`` resizes nothing itself: the loader gives images at the model input size; logits are
+upsampled to the label size (full resolution for evaluation), optionally averaged over flips and scales.
+The device is always passed in.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from labelshift.metrics import ConfusionMatrix
+from labelshift.models import upsample_logits
+
+LogitTransform = Callable[[torch.Tensor], torch.Tensor]
+
+
+def autocast_for(device: torch.device, amp_dtype: torch.dtype | None):
+    """bf16/fp16 autocast context on CUDA when asked, a no-op otherwise."""
+    if amp_dtype is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=amp_dtype)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, output_size: tuple[int, int], *, device: torch.device,
+            flip: bool = False, scales: tuple[float, ...] = (1.0,), amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """images: (N, 3, h, w) normalised -> logits (N, K, H, W) float32 at ``output_size`` = (H, W).
+
+    With several scales or ``flip``, the upsampled logits of every view are averaged.
+    """
+    images = images.to(device, non_blocking=True)
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    total = None
+    views = 0
+    for scale in scales:
+        scaled = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear",
+                                                           align_corners=False)
+        for flipped in ((False, True) if flip else (False,)):
+            batch = scaled.flip(-1) if flipped else scaled
+            with autocast_for(device, amp_dtype):
+                logits = model(batch)
+            logits = upsample_logits(logits.float(), output_size)
+            logits = logits.flip(-1) if flipped else logits
+            total = logits if total is None else total + logits
+            views += 1
+    return total / views
+
+
+def iterate_predictions(model: nn.Module, loader: Iterable[dict], *, device: torch.device, flip: bool = False,
+                        scales: tuple[float, ...] = (1.0,), amp_dtype: torch.dtype | None = None,
+                        at_label_size: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, list[str]]]:
+    """Yield (logits (B, K, H, W), labels (B, H, W) or None, names) for every batch of ``loader``.
+
+    Logits are at the label size when labels exist and ``at_label_size``; else at the input size.
+    """
+    model.eval()
+    for batch in loader:
+        labels = batch.get("label")
+        size = tuple(labels.shape[-2:]) if (labels is not None and at_label_size) else tuple(batch["image"].shape[-2:])
+        logits = predict(model, batch["image"], size, device=device, flip=flip, scales=scales, amp_dtype=amp_dtype)
+        yield logits, labels, list(batch["name"])
+
+
+def evaluate(model: nn.Module, loader: Iterable[dict], num_classes: int, *, device: torch.device,
+             logit_transforms: dict[str, LogitTransform | None] | None = None, flip: bool = False,
+             scales: tuple[float, ...] = (1.0,), amp_dtype: torch.dtype | None = None) -> dict[str, ConfusionMatrix]:
+    """Confusion matrices over a labelled loader, one per named logit transform (None = raw logits).
+
+    Several adjustments (none, IA with an estimate, IA with the oracle) share one forward pass.
+    """
+    transforms = logit_transforms or {"none": None}
+    matrices = {name: ConfusionMatrix(num_classes) for name in transforms}
+    for logits, labels, _ in iterate_predictions(model, loader, device=device, flip=flip, scales=scales,
+                                                 amp_dtype=amp_dtype):
+        if labels is None:
+            raise ValueError("evaluate() needs a labelled loader (batches with a 'label' key)")
+        for name, transform in transforms.items():
+            adjusted = logits if transform is None else transform(logits)
+            matrices[name].update(labels, adjusted.argmax(1).cpu())
+    return matrices
+
+
+def sample_pixels(model: nn.Module, loader: Iterable[dict], *, device: torch.device, pixels_per_image: int,
+                  seed: int = 0, amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random sample of labelled pixels: logits (N, K) float32 and labels (N,) int64 (ignore dropped).
+
+    Used to fit calibration and to measure the source confusion on a labelled split.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    logit_rows, label_rows = [], []
+    for logits, labels, _ in iterate_predictions(model, loader, device=device, amp_dtype=amp_dtype):
+        flat_logits = logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1]).cpu()
+        flat_labels = labels.reshape(-1)
+        valid = torch.nonzero(flat_labels != 255).squeeze(1)
+        take = min(len(valid), pixels_per_image * logits.shape[0])
+        chosen = valid[torch.randperm(len(valid), generator=generator)[:take]]
+        logit_rows.append(flat_logits[chosen])
+        label_rows.append(flat_labels[chosen])
+    return torch.cat(logit_rows), torch.cat(label_rows)

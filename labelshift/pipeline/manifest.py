@@ -1,0 +1,85 @@
+"""Stage artifact directories with manifests: skip what is complete, never leave half-written output.
+
+A stage writes into ``<stages>/<name>.partial/``; when it finishes, ``manifest.json`` (fingerprint, outputs
+with sizes, metrics) is written there and the directory is renamed to ``<stages>/<name>/``. A re-run skips a
+stage whose manifest is complete, whose fingerprint matches the current inputs and whose outputs all exist.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+
+
+def fingerprint(data: Any) -> str:
+    """sha256 of canonical JSON."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+class StageDir:
+    def __init__(self, stages_root: Path, name: str, stage_fingerprint: str) -> None:
+        self.name = name
+        self.final = stages_root / name
+        self.partial = stages_root / f"{name}.partial"
+        self.fingerprint = stage_fingerprint
+
+    def manifest(self) -> dict | None:
+        path = self.final / MANIFEST
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def is_complete(self) -> bool:
+        manifest = self.manifest()
+        if not manifest or manifest.get("status") != "complete" or manifest.get("fingerprint") != self.fingerprint:
+            return False
+        for rel, size in manifest.get("outputs", {}).items():
+            path = self.final / rel
+            if not path.exists() or (path.is_file() and path.stat().st_size != size):
+                return False
+        return True
+
+    def begin(self) -> Path:
+        """A clean ``.partial`` directory to write outputs into."""
+        if self.partial.exists():
+            shutil.rmtree(self.partial)
+        self.partial.mkdir(parents=True)
+        return self.partial
+
+    def path(self, rel: str) -> Path:
+        """Where an output lives once the stage is complete."""
+        return self.final / rel
+
+    def commit(self, outputs: list[str], metrics: dict, extra: dict | None = None) -> dict:
+        """Record the manifest in ``.partial`` and move it into place."""
+        manifest = {"stage": self.name, "status": "complete", "fingerprint": self.fingerprint,
+                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "metrics": metrics,
+                    "outputs": {rel: _size(self.partial / rel) for rel in outputs}, **(extra or {})}
+        write_json_atomic(self.partial / MANIFEST, manifest)
+        if self.final.exists():
+            trash = self.final.with_name(f".{self.name}.old")
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(self.final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(self.partial, self.final)
+        return manifest
+
+
+def _size(path: Path) -> int:
+    if not path.exists():
+        raise FileNotFoundError(f"stage output {path} was not written")
+    return path.stat().st_size if path.is_file() else 0

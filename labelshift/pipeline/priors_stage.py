@@ -1,0 +1,85 @@
+"""The estimate stage: exact source prior, calibration on source val, every estimator on target train.
+
+All estimators share one forward pass over target train; the oracle (target-train labels, when they exist)
+is only ever used to *measure* the estimates, never to train or select.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from labelshift.calibrate import Calibration, fit_calibration
+from labelshift.estimate import make_estimator
+from labelshift.inference import iterate_predictions, sample_pixels
+from labelshift.priors import ClassPrior, LabelStatistics, prior_kl, prior_l1
+
+PIXEL_METHODS = ("count", "soft_count", "em", "bbse")
+IMAGE_METHODS = ("reference", "presence")
+
+
+def label_statistics(loader: Iterable[dict], class_names: tuple[str, ...]) -> LabelStatistics:
+    """Exact per-class pixel and image counts of a labelled loader's label maps."""
+    statistics = LabelStatistics(class_names)
+    for batch in loader:
+        statistics.update(batch["label"])
+    return statistics
+
+
+def fit_source_calibration(model: nn.Module, loader: Iterable[dict], method: str, *, device: torch.device,
+                           pixels_per_image: int = 2000, seed: int = 0) -> tuple[Calibration, tuple[torch.Tensor, torch.Tensor]]:
+    """Calibration fitted on a seeded pixel sample of the labelled source-validation split."""
+    logits, labels = sample_pixels(model, loader, device=device, pixels_per_image=pixels_per_image, seed=seed)
+    return fit_calibration(logits, labels, method=method), (logits, labels)
+
+
+def run_estimators(model: nn.Module, target_loader: Iterable[dict], *, device: torch.device,
+                   calibration: Calibration, source_pixel_prior: ClassPrior, source_image_prior: ClassPrior,
+                   source_sample: tuple[torch.Tensor, torch.Tensor], methods: tuple[str, ...],
+                   em_sample_pixels: int, presence_threshold: float, bootstrap: int, seed: int,
+                   class_names: tuple[str, ...]) -> tuple[dict[str, ClassPrior], LabelStatistics | None]:
+    """One pass over target train; returns {method: prior} and the target label statistics (oracle) if labelled.
+
+    Pixel methods see calibrated posteriors softmax(z/T + b) against the calibrated source prior; the
+    ``reference`` rule sees the raw softmax, as the reference code did.
+    """
+    calibrated_source = calibration.effective_source_prior(source_pixel_prior)
+    estimators = {}
+    for method in methods:
+        kwargs = {"bootstrap": bootstrap, "seed": seed}
+        if method == "reference":
+            kwargs["thresholds"] = source_pixel_prior.probs
+        elif method == "presence":
+            kwargs["threshold"] = presence_threshold
+        elif method == "em":
+            kwargs.update(source_prior=calibrated_source, sample_size=em_sample_pixels)
+        elif method == "bbse":
+            kwargs["source_prior"] = calibrated_source
+        estimators[method] = make_estimator(method, class_names, **kwargs)
+    if "bbse" in estimators:
+        logits, labels = source_sample
+        estimators["bbse"].update_source(calibration.apply(logits).softmax(1), labels)
+    oracle: LabelStatistics | None = LabelStatistics(class_names)
+    for logits, labels, _ in iterate_predictions(model, target_loader, device=device, at_label_size=False):
+        raw_probs = logits.softmax(1)
+        calibrated_probs = calibration.apply(logits).softmax(1)
+        for method, estimator in estimators.items():
+            estimator.update(raw_probs if method in IMAGE_METHODS else calibrated_probs)
+        if labels is None:
+            oracle = None
+        elif oracle is not None:
+            oracle.update(labels)
+    return {method: estimator.result() for method, estimator in estimators.items()}, oracle
+
+
+def prior_errors(estimates: dict[str, ClassPrior], oracle_pixel: ClassPrior, oracle_image: ClassPrior,
+                 source_pixel: ClassPrior, source_image: ClassPrior) -> dict[str, float]:
+    """L1 and KL of each estimate against the oracle of the same kind, and of the no-adjustment baseline."""
+    errors = {"no_adjust_pixel_l1": prior_l1(source_pixel, oracle_pixel),
+              "no_adjust_image_l1": prior_l1(source_image, oracle_image)}
+    for method, estimate in estimates.items():
+        oracle = oracle_pixel if estimate.kind == "pixel" else oracle_image
+        errors[f"{method}_l1"] = prior_l1(estimate, oracle)
+        errors[f"{method}_kl"] = prior_kl(oracle, estimate)
+    return errors

@@ -1,0 +1,37 @@
+"""The job's summary table: target-val mIoU of each step of the method, from the stages' metrics."""
+from __future__ import annotations
+
+ROWS = (
+    ("source-only (adapted model)", "evaluate_adapted", "none"),
+    ("+IA (estimated prior)", "evaluate_adapted", "ia_target"),
+    ("+IA (oracle prior)", "evaluate_adapted", "ia_oracle_pixel"),
+    ("+CR (classifier refinement)", "evaluate_refined", "none"),
+    ("+self-distillation", "evaluate_distilled", "none"),
+)
+
+
+def summary_rows(results: dict[str, dict]) -> list[dict]:
+    """One row per available result: name, target-val mIoU, gain over source-only, source-val mIoU."""
+    rows = []
+    baseline = None
+    for label, stage, variant in ROWS:
+        metrics = results.get(stage, {}).get(f"target_val/{variant}")
+        if metrics is None:
+            continue
+        miou = metrics["miou"]
+        baseline = miou if baseline is None else baseline
+        source = results.get(stage, {}).get(f"source_val/{variant}")
+        row = {"model": label, "target_val_miou": miou, "gain": round(miou - baseline, 2),
+               "source_val_miou": source["miou"] if source else None}
+        row.update({k: v for k, v in metrics.items() if k.startswith("miou_")})
+        rows.append(row)
+    return rows
+
+
+def format_summary(rows: list[dict]) -> str:
+    header = "| model | target-val mIoU | gain | source-val mIoU |\n|---|---:|---:|---:|"
+    lines = [header]
+    for row in rows:
+        source = "" if row["source_val_miou"] is None else f"{row['source_val_miou']:.2f}"
+        lines.append(f"| {row['model']} | {row['target_val_miou']:.2f} | {row['gain']:+.2f} | {source} |")
+    return "\n".join(lines)

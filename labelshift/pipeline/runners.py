@@ -1,0 +1,64 @@
+"""Who runs a training stage: this process (:class:`LocalTrainRunner`) or Ray Train (:class:`RayTrainRunner`).
+
+Both take the same JSON payload (see ``labelshift.train.stages``) and return the final model file and rank 0's
+summary. Ray is imported only inside :class:`RayTrainRunner`.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from labelshift.config import RayConfig
+from labelshift.train.context import LocalContext
+from labelshift.train.loop import FINAL_MODEL
+from labelshift.train.stages import run_stage, train_worker
+
+
+class LocalTrainRunner:
+    def __init__(self, work_root: str | Path, device: str | torch.device = "cpu") -> None:
+        self.work_root = Path(work_root)
+        self.device = torch.device(device)
+
+    def fit(self, payload: dict, run_name: str, model_out: Path) -> dict:
+        ctx = LocalContext(self.work_root / run_name, self.device)
+        summary = run_stage(payload, ctx)
+        shutil.copyfile(ctx.latest_checkpoint() / FINAL_MODEL, model_out)
+        return summary
+
+
+class RayTrainRunner:
+    """``TorchTrainer`` with ``ScalingConfig(num_workers, use_gpu)``; gloo on CPU, nccl on GPU.
+
+    Re-running with the same ``run_name`` and storage path resumes from the latest reported checkpoint
+    (Ray Train's job-level restoration); ``FailureConfig(max_failures)`` restarts killed workers.
+    """
+
+    def __init__(self, ray_cfg: RayConfig, storage_path: str | Path) -> None:
+        self.ray_cfg = ray_cfg
+        self.storage_path = str(Path(storage_path).resolve())
+
+    def fit(self, payload: dict, run_name: str, model_out: Path) -> dict:
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        cfg = self.ray_cfg
+        resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config=payload,
+            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(name=run_name, storage_path=self.storage_path,
+                                 failure_config=FailureConfig(max_failures=cfg.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        )
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"Ray Train run {run_name} finished without a checkpoint")
+        with tempfile.TemporaryDirectory() as tmp:
+            result.checkpoint.to_directory(tmp)
+            shutil.copyfile(Path(tmp) / FINAL_MODEL, model_out)
+        return result.return_value or {}

@@ -1,0 +1,177 @@
+"""The stage bodies of :class:`labelshift.pipeline.job.Pipeline`, one function per stage."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from labelshift.adjust import adjust_logits
+from labelshift.calibrate import Calibration
+from labelshift.classes import miou13_names
+from labelshift.inference import evaluate
+from labelshift.models import checkpoint_sha256
+from labelshift.pipeline.job import MODEL_FILE, Pipeline
+from labelshift.pipeline.manifest import write_json_atomic
+from labelshift.pipeline.priors_stage import (IMAGE_METHODS, PIXEL_METHODS, fit_source_calibration, label_statistics,
+                                              prior_errors, run_estimators)
+from labelshift.priors import ClassPrior, load_prior
+from labelshift.pseudo import write_pseudo_labels
+
+def _train(p: Pipeline, stage: str, train_stage: str, partial: Path, **payload_extra) -> dict:
+    payload = {"stage": train_stage, "config": p.cfg.model_dump(mode="json"), **payload_extra}
+    run_name = f"{p.cfg.name}-{stage}-{p.fingerprints[stage][:10]}"
+    summary = p.runner.fit(payload, run_name, partial / MODEL_FILE)
+    losses = summary.get("losses") or []
+    return {"steps_run": summary.get("steps_run"), "resumed_from": summary.get("resumed_from"),
+            "final_loss": losses[-1][1] if losses else None, "train_seconds": summary.get("seconds"),
+            "world_size": summary.get("world_size")}
+
+
+def pretrain(p: Pipeline) -> None:
+    """Embedded world: generate it (deterministic) and train the source-only model (stand-in for FADA)."""
+    if p.cfg.data.world is not None:
+        ensure_world(p)
+
+    def body(stage, partial):
+        return [MODEL_FILE], _train(p, "pretrain", "source", partial)
+
+    p._run_stage("pretrain", body)
+
+
+def ensure_world(p: Pipeline) -> None:
+    from labelshift.build import world_root_of
+    from labelshift.data.world import generate_world
+
+    root = world_root_of(p.cfg)
+    if (root / "world.json").is_file():
+        return
+    p.log(f"[world] generating the embedded world in {root}")
+    generate_world(root, **p.cfg.data.world.model_dump())
+
+
+def _source_priors(p: Pipeline, partial: Path) -> tuple[ClassPrior, ClassPrior]:
+    if p.cfg.prior.source_prior:
+        given = load_prior(p.cfg.prior.source_prior, p.class_set)
+        return given, given
+    stats = label_statistics(p.loader("source"), p.class_set.names)
+    meta = {"dataset": p.cfg.data.source.kind, "split": p.cfg.data.source.split or p.cfg.data.source.list_file}
+    return stats.pixel_prior(**meta), stats.image_prior(**meta)
+
+
+def estimate(p: Pipeline) -> None:
+    """Source prior, calibration on source val, every estimator on target train, oracle errors."""
+    prior_cfg = p.cfg.prior
+
+    def body(stage, partial):
+        model = p.load()
+        source_pixel, source_image = _source_priors(p, partial)
+        calibration, sample = fit_source_calibration(model, p.loader("source_val"), prior_cfg.calibration,
+                                                     device=p.device, seed=p.cfg.train.source.seed)
+        methods = tuple(dict.fromkeys((prior_cfg.method, *PIXEL_METHODS, *IMAGE_METHODS)))
+        estimates, oracle = run_estimators(
+            model, p.loader("target", with_labels=prior_cfg.oracle, max_images=prior_cfg.max_images), device=p.device, calibration=calibration,
+            source_pixel_prior=source_pixel, source_image_prior=source_image, source_sample=sample,
+            methods=methods, em_sample_pixels=prior_cfg.em_sample_pixels,
+            presence_threshold=prior_cfg.presence_threshold, bootstrap=prior_cfg.bootstrap,
+            seed=p.cfg.train.source.seed, class_names=p.class_set.names)
+        checkpoint = checkpoint_sha256(p.adapted_model_path())
+        outputs = {"source_pixel": source_pixel, "source_image": source_image,
+                   **{f"estimate_{m}": e.with_provenance(checkpoint_sha256=checkpoint, split="target")
+                      for m, e in estimates.items()}}
+        chosen = load_prior(prior_cfg.target_prior, p.class_set) if prior_cfg.target_prior else estimates[prior_cfg.method]
+        outputs["target"] = chosen
+        metrics = {"calibration_temperature": calibration.temperature}
+        if oracle is not None:
+            outputs["oracle_pixel"] = oracle.pixel_prior(dataset="target", split="train", note="oracle, evaluation only")
+            outputs["oracle_image"] = oracle.image_prior(dataset="target", split="train", note="oracle, evaluation only")
+            metrics.update(prior_errors(estimates, outputs["oracle_pixel"], outputs["oracle_image"],
+                                        source_pixel, source_image))
+        for name, prior in outputs.items():
+            prior.to_json(partial / f"{name}.json")
+        write_json_atomic(partial / "calibration.json", calibration.to_dict())
+        return [f"{n}.json" for n in outputs] + ["calibration.json"], metrics
+
+    p._run_stage("estimate", body)
+
+
+def _ia(calibration: Calibration, source: ClassPrior, target: ClassPrior, p: Pipeline):
+    """IA on logits: pixel priors in the calibrated space (z/T + b), image priors on raw logits (reference)."""
+    adjust = p.cfg.adjust
+    if target.kind == "pixel":
+        source = calibration.effective_source_prior(source)
+        temperature = calibration.temperature
+    else:
+        temperature = adjust.temperature
+    return functools.partial(adjust_logits, source_prior=source, target_prior=target, temperature=temperature,
+                             tau_source=adjust.tau_source, tau_target=adjust.tau_target)
+
+
+def _evaluate(p: Pipeline, model_stage: str | None, transforms: dict, partial: Path, with_source: bool) -> tuple[list[str], dict]:
+    model = p.load(model_stage)
+    subsets = {}
+    if p.cfg.data.class_set == "synthia16":
+        subsets["13"] = p.class_set.subset_indices(miou13_names())
+    metrics: dict = {}
+    splits = {"target_val": transforms}
+    if with_source and p.cfg.data.source_val is not None:
+        splits["source_val"] = {"none": None}
+    for split, split_transforms in splits.items():
+        matrices = evaluate(model, p.loader(split), p.class_set.num_classes, device=p.device,
+                            logit_transforms=split_transforms, flip=p.cfg.eval.flip, scales=p.cfg.eval.scales)
+        for name, matrix in matrices.items():
+            metrics[f"{split}/{name}"] = matrix.to_dict(p.class_set.names, subsets)
+    write_json_atomic(partial / "metrics.json", metrics)
+    return ["metrics.json"], metrics
+
+
+def evaluate_adapted(p: Pipeline) -> None:
+    def body(stage, partial):
+        priors, calibration = p.priors(), p.calibration()
+        transforms = {"none": None}
+        for name, prior in priors.items():
+            if name.startswith("estimate_") or name in ("target",) or name.startswith("oracle_"):
+                source = priors["source_pixel" if prior.kind == "pixel" else "source_image"]
+                transforms[f"ia_{name}"] = _ia(calibration, source, prior, p)
+        return _evaluate(p, None, transforms, partial, with_source=True)
+
+    p._run_stage("evaluate_adapted", body)
+
+
+def refine(p: Pipeline) -> None:
+    """Classifier Refinement: head-only training with the logit-adjusted CE (source prior -> estimated target)."""
+    def body(stage, partial):
+        priors = p.priors()
+        target = priors["target"]
+        source = priors["source_pixel" if target.kind == "pixel" else "source_image"]
+        return [MODEL_FILE], _train(p, "refine", "refine", partial, init_checkpoint=str(p.adapted_model_path()),
+                                    source_prior=source.to_dict(), target_prior=target.to_dict())
+
+    p._run_stage("refine", body)
+
+
+def evaluate_refined(p: Pipeline) -> None:
+    p._run_stage("evaluate_refined", lambda stage, partial: _evaluate(p, "refine", {"none": None}, partial, with_source=False))
+
+
+def pseudo(p: Pipeline) -> None:
+    """The CR-refined model labels target train (hard labels, low-confidence pixels ignored)."""
+    def body(stage, partial):
+        model = p.load("refine")
+        counts = write_pseudo_labels(model, p.loader("target", with_labels=False), partial / "labels",
+                                     device=p.device, confidence_threshold=p.cfg.train.distill.confidence_threshold)
+        return ["labels"], counts
+
+    p._run_stage("pseudo", body)
+
+
+def distill(p: Pipeline) -> None:
+    def body(stage, partial):
+        return [MODEL_FILE], _train(p, "distill", "distill", partial, init_checkpoint=str(p.adapted_model_path()),
+                                    pseudo_label_dir=str(p.stages_root / "pseudo" / "labels"))
+
+    p._run_stage("distill", body)
+
+
+def evaluate_distilled(p: Pipeline) -> None:
+    p._run_stage("evaluate_distilled", lambda stage, partial: _evaluate(p, "distill", {"none": None}, partial, with_source=False))

@@ -1,0 +1,56 @@
+"""The main Ray Job: estimate the target prior, IA, CR on Ray Train, pseudo labels, self-distillation, evaluation.
+
+    ray job submit --working-dir . -- python ray_jobs/refine.py --config configs/demo.yaml
+    python ray_jobs/refine.py --config configs/demo.yaml [--stages estimate,evaluate_adapted] [section.key=value ...]
+
+Without a cluster address (``ray.address`` / ``RAY_ADDRESS``) it starts a local Ray instance.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working directory of `ray job submit`
+
+from labelshift.config import load_config  # noqa: E402
+from labelshift.pipeline import Pipeline, RayTrainRunner  # noqa: E402
+from labelshift.tracking import build_tracker, terminate_on_sigterm  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
+    parser.add_argument("--stages", default=None, help="comma-separated subset of the configured stages")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import ray
+    import torch
+
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=True) if address else ray.init(
+            include_dashboard=False)
+    try:
+        device = torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
+        runner = RayTrainRunner(cfg.ray, cfg.ray.storage_path or Path(cfg.output_dir) / "ray")
+        tracker = build_tracker(cfg)
+        stages = tuple(args.stages.split(",")) if args.stages else None
+        with terminate_on_sigterm(), tracker.job(cfg):
+            Pipeline(cfg, runner, tracker, device=device).run(stages)
+    finally:
+        if started_here:
+            ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
