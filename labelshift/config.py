@@ -36,6 +36,16 @@ class DatasetConfig(_Strict):
     list_file: str | None = None
 
 
+class TransformConfig(_Strict):
+    """Images are resized to ``size``; training adds random scale, crop, flip and colour jitter."""
+
+    size: tuple[int, int]  # (width, height) the model sees
+    crop_size: tuple[int, int] | None = None  # (width, height) random crop for training
+    scale_range: tuple[float, float] = (1.0, 1.0)
+    flip: bool = True
+    color_jitter: float = 0.0
+
+
 class DataConfig(_Strict):
     source: DatasetConfig
     target: DatasetConfig
@@ -43,15 +53,19 @@ class DataConfig(_Strict):
     target_val: DatasetConfig
     world: WorldConfig | None = None  # set: generate the embedded world under ``source.root``'s parent
     class_set: Literal["cityscapes19", "synthia16"] = "cityscapes19"
-    source_size: tuple[int, int] = (1280, 720)  # (width, height) the source images are resized to
-    target_size: tuple[int, int] = (1024, 512)  # (width, height) the target images are resized to
-    crop_size: tuple[int, int] | None = None  # (width, height) random crop for training
-    scale_range: tuple[float, float] = (1.0, 1.0)
-    flip: bool = True
-    color_jitter: float = 0.0
+    source_transform: TransformConfig | None = None  # default: resize to 1280x720 (GTA5 in the reference)
+    target_transform: TransformConfig | None = None  # default: resize to 1024x512 (Cityscapes in the reference)
     num_workers: int = 0
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @model_validator(mode="after")
+    def _default_transforms(self) -> "DataConfig":
+        if self.source_transform is None:
+            self.source_transform = TransformConfig(size=(1280, 720))
+        if self.target_transform is None:
+            self.target_transform = TransformConfig(size=(1024, 512))
+        return self
 
 
 class ModelConfig(_Strict):

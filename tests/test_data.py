@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from labelshift.classes import IGNORE_INDEX, cityscapes19, synthia16
-from labelshift.config import DataConfig, DatasetConfig
+from labelshift.config import DataConfig, DatasetConfig, TransformConfig
 from labelshift.data import (CityscapesDataset, DatasetError, GTA5Dataset, SynthiaDataset, build_dataset,
                              build_transforms, build_transforms_for, read_image, read_label_ids,
                              write_palette_png, write_png_atomic)
@@ -292,7 +292,8 @@ def test_builders_dispatch_on_config(gta5_root: Path, synthia_parent: Path, city
         source=DatasetConfig(kind="gta5", root=str(gta5_root)),
         target=DatasetConfig(kind="cityscapes", root=str(cityscapes_root)),
         target_val=DatasetConfig(kind="cityscapes", root=str(cityscapes_root), split="val"),
-        source_size=(12, 8), target_size=(24, 16), crop_size=(8, 8), flip=True,
+        source_transform=TransformConfig(size=(12, 8), crop_size=(8, 8), flip=True),
+        target_transform=TransformConfig(size=(24, 16)),
     )
     train = build_transforms_for(data_cfg, "source", train=True)
     assert train.size == (12, 8) and train.crop_size == (8, 8) and train.flip

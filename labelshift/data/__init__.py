@@ -44,20 +44,18 @@ def build_dataset(ds_cfg: DatasetConfig, class_set: ClassSet, transform: Transfo
 
 def build_transforms_for(data_cfg: DataConfig, domain: Literal["source", "target"], train: bool,
                          keep_label_size: bool | None = None) -> SegmentationTransform:
-    """The transform for ``domain`` images: resize to ``source_size``/``target_size``; when ``train``, add the
-    configured crop, scale range, flip and colour jitter. ``keep_label_size`` defaults to ``not train``
+    """The transform for ``domain`` images: resize to the domain's ``size``; when ``train``, add its
+    crop, scale range, flip and colour jitter. ``keep_label_size`` defaults to ``not train``
     (evaluation is at full label resolution)."""
     if domain not in ("source", "target"):
         raise ValueError(f"domain must be 'source' or 'target', got {domain!r}")
-    size = data_cfg.source_size if domain == "source" else data_cfg.target_size
+    aug = data_cfg.source_transform if domain == "source" else data_cfg.target_transform
     if not train:
-        return build_transforms(train=False, size=size, mean=data_cfg.mean, std=data_cfg.std,
+        return build_transforms(train=False, size=aug.size, mean=data_cfg.mean, std=data_cfg.std,
                                 keep_label_size=True if keep_label_size is None else keep_label_size)
-    return build_transforms(train=True, size=size, crop_size=data_cfg.crop_size,
-                            scale_range=data_cfg.scale_range, flip=data_cfg.flip,
-                            color_jitter=data_cfg.color_jitter, mean=data_cfg.mean, std=data_cfg.std,
+    return build_transforms(train=True, size=aug.size, crop_size=aug.crop_size, scale_range=aug.scale_range,
+                            flip=aug.flip, color_jitter=aug.color_jitter, mean=data_cfg.mean, std=data_cfg.std,
                             keep_label_size=bool(keep_label_size))
-
 
 __all__ = [
     "CityscapesDataset", "DatasetError", "GTA5Dataset", "IMAGENET_MEAN", "IMAGENET_STD",

@@ -51,7 +51,7 @@ def _load_builtin() -> None:
     from labelshift.models import deeplabv2, small  # noqa: F401  (registers the built-in models)
 
 
-from labelshift.models.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from labelshift.models.checkpoint import checkpoint_sha256, load_checkpoint, save_checkpoint  # noqa: E402
 
-__all__ = ["create_model", "register_model", "model_names", "upsample_logits", "load_checkpoint",
+__all__ = ["create_model", "register_model", "model_names", "upsample_logits", "load_checkpoint", "checkpoint_sha256",
            "save_checkpoint"]

@@ -54,8 +54,6 @@ def run_estimators(model: nn.Module, target_loader: Iterable[dict], *, device: t
             kwargs["threshold"] = presence_threshold
         elif method == "em":
             kwargs.update(source_prior=calibrated_source, sample_size=em_sample_pixels)
-        elif method == "bbse":
-            kwargs["source_prior"] = calibrated_source
         estimators[method] = make_estimator(method, class_names, **kwargs)
     if "bbse" in estimators:
         logits, labels = source_sample
