@@ -6,7 +6,8 @@ temperature scaling fits ``z / T`` (b = 0). Both minimise the NLL with torch LBF
 IA must then be applied in the same calibrated space: ``z/T + b − log π_s + log π_t``. Because
 ``z/T + b − log π_s = z/T − log(π_s·e^{−b})``, :meth:`Calibration.effective_source_prior` gives the
 prior to pass to :func:`~labelshift.adjust.adjust_logits` together with ``temperature=cal.temperature``
-(exact for ``tau_source=1``; otherwise adjust ``cal.apply(z)`` with the plain source prior).
+(exact for ``tau_source=1``; otherwise adjust ``cal.apply(z)`` with the plain source prior). Prior
+estimators that take calibrated probabilities ``softmax(cal.apply(z))`` (EM) need the plain π_s.
 """
 from __future__ import annotations
 
@@ -64,6 +65,9 @@ class Calibration:
     def effective_source_prior(self, source_prior: ClassPrior | Any) -> ClassPrior | np.ndarray:
         """π_s·exp(−b), normalised: ``adjust_logits(z, this, π_t, temperature=T)`` equals IA on ``apply(z)``.
 
+        Only for adjusting RAW logits ``z``. Estimators fed calibrated probabilities ``softmax(apply(z))``
+        (EM) take the plain source prior π_s: those posteriors are calibrated under π_s itself.
+
         A ClassPrior gives a ClassPrior (same classes and kind, provenance noting the calibration);
         a (K,) vector gives a (K,) float64 array.
         """
@@ -114,15 +118,21 @@ def _flatten_labelled(logits: Any, labels: Any, dim: int, ignore_index: int) -> 
 
 
 def fit_calibration(logits: Any, labels: Any, method: CalibrationMethod = "bcts", *, dim: int = 1,
-                    ignore_index: int = IGNORE_INDEX, max_iter: int = 200) -> Calibration:
+                    ignore_index: int = IGNORE_INDEX, max_iter: int = 200, max_samples: int | None = None,
+                    seed: int = 0) -> Calibration:
     """Fit temperature scaling or BCTS by minimising the NLL on labelled (source-validation) data.
 
     logits: (N, K) or (B, K, H, W) (classes along ``dim``), torch or numpy; labels: (N,) or (B, H, W).
+    ``max_samples``: fit on a seeded uniform subset of the valid samples (pixels) of at most that size.
     ``method="none"`` returns the identity. The BCTS bias is centred (mean 0): softmax ignores a constant.
     """
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"unknown calibration method {method!r}; known: {CALIBRATION_METHODS}")
     scores, targets = _flatten_labelled(logits, labels, dim, ignore_index)
+    if max_samples is not None and len(targets) > max_samples:
+        subset = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed))[:max_samples]
+        subset = subset.to(scores.device)
+        scores, targets = scores[subset], targets[subset]
     num_classes = scores.shape[1]
     nll_before = float(F.cross_entropy(scores, targets))
     if method == "none":

@@ -1,11 +1,8 @@
 """Streaming, mergeable estimators of the target class prior π_t (no target labels needed).
 
 Every estimator has ``update(probs)``, ``merge(other)`` and ``result() -> ClassPrior``. ``probs`` are
-PROBABILITIES (softmax already applied, possibly calibrated), torch (any device) or numpy:
-
-- ``(B, K, H, W)``: a batch of B images;
-- ``(N, K)``: N samples, each its own unit (e.g. classification data, or one row per image).
-
+PROBABILITIES (softmax applied, possibly calibrated), torch (any device) or numpy: ``(B, K, H, W)`` (B
+images) or ``(N, K)`` (N samples, each its own unit: classification data, or one row per image).
 Small per-image statistics (K floats per image; for EM the image of each sampled pixel) are kept, so
 ``result()`` reports a percentile bootstrap interval over images in ``provenance["confidence_interval"]``.
 
@@ -15,9 +12,10 @@ bounded uniform pixel sample) and ``bbse`` (Lipton et al. 2018 with a soft confu
 """
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from itertools import chain
-from typing import Any, ClassVar, Iterable, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -25,17 +23,21 @@ import torch
 from labelshift.classes import IGNORE_INDEX, ClassSet
 from labelshift.priors import ClassPrior, PriorKind, class_names_of, floor_probabilities
 
-ESTIMATORS: dict[str, type[PriorEstimator]] = {}
-
-
-def _register(cls: type[PriorEstimator]) -> type[PriorEstimator]:
-    ESTIMATORS[cls.method] = cls
-    return cls
+def _as_tensor(data: Any) -> torch.Tensor:
+    """A torch view of a tensor or array (read-only arrays, e.g. from Ray Data, without torch's warning)."""
+    if torch.is_tensor(data):
+        return data.detach()
+    array = np.asarray(data)
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():  # never written to: the estimators only read their inputs
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def _as_units(probs: Any, num_classes: int) -> torch.Tensor:
     """(B, K, H, W) or (N, K) probabilities -> a (U, K, H, W) tensor ((N, K) becomes (N, K, 1, 1))."""
-    tensor = probs.detach() if torch.is_tensor(probs) else torch.from_numpy(np.asarray(probs))
+    tensor = _as_tensor(probs)
     if tensor.ndim == 2:
         tensor = tensor[:, :, None, None]
     if tensor.ndim != 4 or tensor.shape[1] != num_classes:
@@ -99,7 +101,8 @@ class PriorEstimator(ABC):
             raise ValueError(f"cannot merge a {other.method} estimator over {len(other.class_names)} classes "
                              f"into a {self.method} estimator over {self.num_classes} classes")
         if other.settings() != self.settings():
-            raise ValueError(f"cannot merge estimators with different settings: {other.settings()} vs {self.settings()}")
+            raise ValueError(f"cannot merge estimators with different settings: "
+                             f"{other.settings()} vs {self.settings()}")
         self._merge_state(other)
         self.num_units += other.num_units
         self.num_pixels += other.num_pixels
@@ -135,10 +138,10 @@ class PriorEstimator(ABC):
         return {"level": self.confidence, "lower": lower.tolist(), "upper": upper.tolist(),
                 "replicates": self.bootstrap, "method": "percentile bootstrap over images"}
 
-    def _counts(self, point: np.ndarray) -> np.ndarray | None:
+    def _counts(self, point: np.ndarray) -> np.ndarray | None:  # raw counts of the result, if any
         return None
 
-    def _diagnostics(self) -> dict[str, Any]:
+    def _diagnostics(self) -> dict[str, Any]:  # extra provenance of the fit
         return {}
 
     @abstractmethod
@@ -189,7 +192,6 @@ class _UnitStatisticsEstimator(PriorEstimator):
         return point if self.counts_are_sums else None
 
 
-@_register
 class CountEstimator(_UnitStatisticsEstimator):
     """Classify and count: histogram of the argmax class -> pixel prior (``counts``: predicted pixels)."""
 
@@ -199,7 +201,6 @@ class CountEstimator(_UnitStatisticsEstimator):
         return _argmax_histograms(units)
 
 
-@_register
 class SoftCountEstimator(_UnitStatisticsEstimator):
     """Mean predicted probability per class -> pixel prior (``counts``: soft pixel mass)."""
 
@@ -209,7 +210,6 @@ class SoftCountEstimator(_UnitStatisticsEstimator):
         return torch.sum(units, dim=(2, 3), dtype=torch.float64).cpu().numpy()
 
 
-@_register
 class PresenceEstimator(_UnitStatisticsEstimator):
     """Image prior: an image counts for class c when its predicted (argmax) pixel share of c exceeds ``threshold``."""
 
@@ -227,7 +227,6 @@ class PresenceEstimator(_UnitStatisticsEstimator):
         return (shares > self.threshold).astype(np.float64)
 
 
-@_register
 class ReferenceEstimator(_UnitStatisticsEstimator):
     """The reference code's rule (``test_trainlabelfre.py``), bit-exact, quirks included.
 
@@ -282,9 +281,10 @@ def em_label_shift(posteriors: Any, source_prior: Any, *, weights: np.ndarray | 
     total_weight = sample_weights.sum()
     estimate = source.copy() if init is None else np.asarray(init, dtype=np.float64).copy()
     for iteration in range(1, max_iter + 1):
-        reweighted = posterior * (estimate / source)
-        reweighted /= np.maximum(reweighted.sum(axis=1, keepdims=True), np.finfo(np.float64).tiny)
-        updated = (sample_weights @ reweighted) / total_weight
+        # normalise(p·r) averaged over x, with r = q/π_s, as two matrix-vector products (no (M, K) temporary)
+        ratio = estimate / source
+        normaliser = np.maximum(posterior @ ratio, np.finfo(np.float64).tiny)
+        updated = ratio * (posterior.T @ (sample_weights / normaliser)) / total_weight
         change = np.abs(updated - estimate).sum()
         estimate = updated
         if change < tol:
@@ -292,14 +292,14 @@ def em_label_shift(posteriors: Any, source_prior: Any, *, weights: np.ndarray | 
     return estimate, max_iter, False
 
 
-@_register
 class EMEstimator(PriorEstimator):
     """EM / MLLS on a bounded uniform pixel sample gathered during the pass (a pixel prior).
 
     The sample keeps the ``sample_size`` pixels with the smallest uniform random keys (bottom-k
     sampling): a uniform sample without replacement of all pixels seen, and merging two estimators keeps
     the bottom-k of the union (give each worker its own ``seed``). ``source_prior``: the prior the
-    posteriors were trained/calibrated under.
+    posteriors were trained/calibrated under (the source pixel prior). The bootstrap reweights the
+    sampled pixels by their image's multiplicity and restarts EM from the point estimate.
     """
 
     method, kind = "em", "pixel"
@@ -310,6 +310,9 @@ class EMEstimator(PriorEstimator):
         if source_prior is None:
             raise ValueError("the em estimator needs source_prior= (the prior of the posteriors' training data)")
         self.source_probs = _prior_vector(source_prior, self.class_names, "source_prior")
+        if isinstance(source_prior, ClassPrior) and source_prior.kind != "pixel":
+            warnings.warn(f"em: source_prior {source_prior.describe()} is an image prior; posteriors are trained "
+                          "under the source PIXEL prior", stacklevel=2)
         self.source_description = source_prior.describe() if isinstance(source_prior, ClassPrior) else "vector"
         self.sample_size, self.tol, self.max_iter = int(sample_size), float(tol), int(max_iter)
         self._rng = np.random.default_rng([self.seed, 1])
@@ -382,7 +385,6 @@ def bbse_solve(joint_confusion: np.ndarray, mean_prediction: np.ndarray, *, ridg
     return target / target.sum() if target.sum() > 0 else source_prior / source_prior.sum()
 
 
-@_register
 class BBSEEstimator(_UnitStatisticsEstimator):
     """Black-box shift estimation with a (soft by default) source confusion matrix; a pixel prior.
 
@@ -408,7 +410,7 @@ class BBSEEstimator(_UnitStatisticsEstimator):
                       chunk_pixels: int = 1 << 18) -> None:
         """Add labelled source data: probs (B, K, H, W) or (N, K); labels (B, H, W) or (N,) trainIds."""
         units = _as_units(probs, self.num_classes)
-        targets = labels.detach() if torch.is_tensor(labels) else torch.from_numpy(np.asarray(labels))
+        targets = _as_tensor(labels)
         if targets.numel() != units.shape[0] * units.shape[2] * units.shape[3]:
             raise ValueError(f"labels of shape {tuple(targets.shape)} do not match probabilities {tuple(probs.shape)}")
         targets = targets.to(units.device).reshape(-1).long()
@@ -449,6 +451,12 @@ class BBSEEstimator(_UnitStatisticsEstimator):
     def _diagnostics(self) -> dict[str, Any]:
         joint = self.joint_counts / max(self.source_pixels, 1)
         return {"source_pixels": self.source_pixels, "confusion_condition_number": float(np.linalg.cond(joint))}
+
+
+ESTIMATORS: dict[str, type[PriorEstimator]] = {
+    estimator.method: estimator for estimator in (
+        ReferenceEstimator, CountEstimator, SoftCountEstimator, PresenceEstimator, EMEstimator, BBSEEstimator)
+}
 
 
 def make_estimator(method: str, classes: ClassSet | Sequence[str], **kwargs: Any) -> PriorEstimator:

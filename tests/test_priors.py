@@ -11,8 +11,8 @@ import torch
 
 from labelshift.classes import cityscapes19, reference_statistics, synthia16
 from labelshift.priors import (
-    PRIOR_FLOOR, ClassPrior, LabelStatistics, check_compatible, load_prior, preset, preset_names, prior_from_label_counts,
-    prior_kl, prior_l1,
+    PRIOR_FLOOR, ClassPrior, LabelStatistics, check_compatible, load_prior, preset, preset_names,
+    prior_from_label_counts, prior_kl, prior_l1,
 )
 
 ABC = ("a", "b", "c")

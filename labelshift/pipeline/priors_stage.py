@@ -41,10 +41,9 @@ def run_estimators(model: nn.Module, target_loader: Iterable[dict], *, device: t
                    class_names: tuple[str, ...]) -> tuple[dict[str, ClassPrior], LabelStatistics | None]:
     """One pass over target train; returns {method: prior} and the target label statistics (oracle) if labelled.
 
-    Pixel methods see calibrated posteriors softmax(z/T + b) against the calibrated source prior; the
-    ``reference`` rule sees the raw softmax, as the reference code did.
+    Pixel methods see calibrated posteriors softmax(z/T + b), which are calibrated under the plain source
+    prior (EM takes that one); the ``reference`` rule sees the raw softmax, as the reference code did.
     """
-    calibrated_source = calibration.effective_source_prior(source_pixel_prior)
     estimators = {}
     for method in methods:
         kwargs = {"bootstrap": bootstrap, "seed": seed}
@@ -53,7 +52,7 @@ def run_estimators(model: nn.Module, target_loader: Iterable[dict], *, device: t
         elif method == "presence":
             kwargs["threshold"] = presence_threshold
         elif method == "em":
-            kwargs.update(source_prior=calibrated_source, sample_size=em_sample_pixels)
+            kwargs.update(source_prior=source_pixel_prior, sample_size=em_sample_pixels)
         estimators[method] = make_estimator(method, class_names, **kwargs)
     if "bbse" in estimators:
         logits, labels = source_sample
