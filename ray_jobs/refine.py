@@ -37,8 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address, include_dashboard=False, log_to_driver=True) if address else ray.init(
-            include_dashboard=False)
+        ray.init(address=address)  # None: a local Ray instance (its dashboard serves Train's state queries)
     try:
         device = torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
         runner = RayTrainRunner(cfg.ray, cfg.ray.storage_path or Path(cfg.output_dir) / "ray")

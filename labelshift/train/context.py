@@ -29,6 +29,10 @@ class TrainContext:
     def wrap_model(self, model: nn.Module) -> nn.Module:
         return model.to(self.device)
 
+    def describe(self) -> dict:
+        """Where this worker runs (rank, process id, node)."""
+        return {"rank": self.rank, "pid": os.getpid(), "node_id": "local"}
+
     def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
         raise NotImplementedError
 
@@ -77,6 +81,11 @@ class RayTrainContext(TrainContext):
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()
         self._restored: Path | None = None
+
+    def describe(self) -> dict:
+        import ray
+
+        return {"rank": self.rank, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         import ray.train.torch

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -113,7 +114,18 @@ def run_stage(payload: dict, ctx: TrainContext) -> dict:
         compute_loss=lambda batch: _segmentation_loss(forward, batch, ctx.device, amp, loss_of_logits),
         optim=optim, save_final=save_final)
     return {"stage": stage, "steps_run": result.steps_run, "resumed_from": result.resumed_from,
-            "losses": result.losses, "seconds": result.seconds, "world_size": ctx.world_size}
+            "losses": result.losses, "seconds": result.seconds, "world_size": ctx.world_size,
+            "workers": _all_workers(ctx)}
+
+
+def _all_workers(ctx: TrainContext) -> list[dict]:
+    """Every rank's ``describe()`` (gathered over the process group when there is one)."""
+    me = ctx.describe()
+    if ctx.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [me]
+    gathered: list[dict | None] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, me)
+    return gathered
 
 
 def train_worker(payload: dict) -> dict:
