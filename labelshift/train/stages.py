@@ -93,8 +93,10 @@ def run_stage(payload: dict, ctx: TrainContext) -> dict:
     stage = payload["stage"]
     if stage not in STAGES:
         raise ValueError(f"unknown training stage {stage!r}; expected one of {STAGES}")
-    cfg, model, groups, forward, loss_of_logits = _prepare(payload, ctx)
+    cfg = config_from_dict(payload["config"])
     optim = _optim_of(cfg, stage)
+    torch.manual_seed(optim.seed)  # the same initial weights on every rank and for any number of workers
+    cfg, model, groups, forward, loss_of_logits = _prepare(payload, ctx)
     torch.manual_seed(optim.seed + ctx.rank)
     which = "source" if stage in ("source", "refine") else "target"
     dataset = build_split(cfg, which, train=True, pseudo_label_dir=payload.get("pseudo_label_dir"), seed=optim.seed)

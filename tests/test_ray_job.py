@@ -1,0 +1,134 @@
+"""The cluster path: `ray start --head` + `ray job submit`, a job stopped mid-stage and re-submitted.
+
+The head is started by this test (``ray start --head --block``) and stopped by its pid; never `ray stop`.
+Ray 2.60 enables token authentication on new clusters: clients set ``RAY_AUTH_MODE=token`` (the token lives
+in ``~/.ray/auth_token``, written by ``ray start``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+
+from conftest import PROJECT, tiny_overrides  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env() -> dict:
+    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+            "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+def _ray(*args: str, check: bool = True, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ray"), *args], env=_env(), capture_output=True, text=True, timeout=timeout,
+                          check=check)
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    dashboard = _free_port()
+    log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
+    process = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(_free_port()),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "4"],
+        env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 120
+    while _ray("job", "list", "--address", address, check=False).returncode != 0:
+        assert process.poll() is None and time.time() < deadline, "the Ray head did not come up"
+        time.sleep(2)
+    yield address
+    process.send_signal(signal.SIGTERM)  # stop what we started, by its pid
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+    log.close()
+
+
+def _submit(address: str, job_id: str, overrides: list[str]) -> None:
+    _ray("job", "submit", "--address", address, "--submission-id", job_id, "--working-dir", str(PROJECT),
+         "--no-wait", "--", "python", "ray_jobs/refine.py", "--config", "configs/demo.yaml", *overrides)
+
+
+def _client(address: str):
+    os.environ["RAY_AUTH_MODE"] = "token"  # this test process is a client of the token-authenticated cluster
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address)
+
+
+def _status(address: str, job_id: str) -> str:
+    return str(_client(address).get_job_status(job_id).value)
+
+
+def _wait(address: str, job_id: str, until: tuple[str, ...], timeout: float = 600) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = _status(address, job_id)
+        if status in until:
+            return status
+        time.sleep(2)
+    raise AssertionError(f"job {job_id} still {status} after {timeout}s:\n{_logs(address, job_id)[-3000:]}")
+
+
+def _logs(address: str, job_id: str) -> str:
+    return _client(address).get_job_logs(job_id)
+
+
+def _runs(tracking_uri: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.search_runs(search_all_experiments=True, order_by=["attributes.start_time ASC"])
+
+
+def test_job_submit_stop_mid_stage_and_resubmit(head, tmp_path):
+    out = tmp_path / "run"
+    overrides = tiny_overrides(out) + ["train.refine.iterations=3000", "train.refine.checkpoint_every=25",
+                                       "train.refine.log_every=25", "ray.cpus_per_worker=1"]
+    _submit(head, "first", overrides)
+    refine_storage = out / "ray"
+    deadline = time.time() + 400
+    while not list(refine_storage.glob("demo-refine-*/checkpoint_manager_snapshot.json")):
+        assert _status(head, "first") in ("PENDING", "RUNNING"), _logs(head, "first")[-3000:]
+        assert time.time() < deadline, _logs(head, "first")[-3000:]
+        time.sleep(1)
+    assert (out / "stages" / "refine.partial").is_dir()
+    _ray("job", "stop", "--address", head, "first")
+    assert _wait(head, "first", ("STOPPED", "FAILED", "SUCCEEDED")) == "STOPPED"
+    runs = _runs(f"sqlite:///{out}/mlflow.db")
+    assert "RUNNING" not in set(runs["status"])
+    killed = runs[runs["tags.mlflow.runName"].isin(["demo", "refine"])]
+    assert set(killed["status"]) <= {"KILLED", "FAILED"} and len(killed) == 2
+
+    _submit(head, "second", tiny_overrides(out) + ["train.refine.iterations=60", "train.refine.checkpoint_every=25",
+                                                   "train.refine.log_every=25", "ray.cpus_per_worker=1"])
+    assert _wait(head, "second", ("SUCCEEDED", "FAILED", "STOPPED")) == "SUCCEEDED", _logs(head, "second")[-4000:]
+    logs = _logs(head, "second")
+    for stage in ("pretrain", "estimate", "evaluate_adapted"):
+        assert f"[{stage}] complete (manifest valid): skipped" in logs
+    assert "[refine] running" in logs
+    summary = json.loads((out / "summary.json").read_text())
+    assert [row["model"] for row in summary["rows"]][-1] == "+self-distillation"
+    assert not list((out / "stages").glob("*.partial"))
+    runs = _runs(f"sqlite:///{out}/mlflow.db")
+    assert set(runs["status"]) <= {"KILLED", "FAILED", "FINISHED"}
+    parents = runs[runs["tags.mlflow.runName"] == "demo"]
+    assert list(parents["status"]) [-1] == "FINISHED" and parents["status"].iloc[0] in ("KILLED", "FAILED")
