@@ -98,7 +98,8 @@ def cmd_source_stats(args: argparse.Namespace) -> int:
 def cmd_estimate_prior(args: argparse.Namespace) -> int:
     from labelshift.build import build_model, class_set_of, eval_loader
     from labelshift.config import load_config
-    from labelshift.pipeline.priors_stage import fit_source_calibration, label_statistics, run_estimators
+    from labelshift.pipeline.priors_stage import (calibrated_source_prior, fit_source_calibration, label_statistics,
+                                                  run_estimators)
     from labelshift.priors import load_prior
 
     cfg = load_config(args.config, [f"prior.method={args.method}", *args.overrides])
@@ -106,16 +107,15 @@ def cmd_estimate_prior(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     model = build_model(cfg, args.checkpoint).to(device).eval()
     if cfg.prior.source_prior:
-        source_pixel = source_image = load_prior(cfg.prior.source_prior, class_set)
+        source_pixel = load_prior(cfg.prior.source_prior, class_set)
     else:
-        stats = label_statistics(eval_loader(cfg, "source"), class_set.names)
-        source_pixel, source_image = stats.pixel_prior(), stats.image_prior()
+        source_pixel = label_statistics(eval_loader(cfg, "source"), class_set.names).pixel_prior()
     calibration, sample = fit_source_calibration(model, eval_loader(cfg, "source_val"), cfg.prior.calibration,
                                                  device=device)
     estimates, _ = run_estimators(
         model, eval_loader(cfg, "target", with_labels=False, max_images=cfg.prior.max_images), device=device,
-        calibration=calibration, source_pixel_prior=source_pixel, source_image_prior=source_image,
-        source_sample=sample, methods=(args.method,), em_sample_pixels=cfg.prior.em_sample_pixels,
+        calibration=calibration, source_pixel_prior=source_pixel,
+        calibrated_prior=calibrated_source_prior(calibration, sample[1], source_pixel), source_sample=sample, methods=(args.method,), em_sample_pixels=cfg.prior.em_sample_pixels,
         presence_threshold=cfg.prior.presence_threshold, bootstrap=cfg.prior.bootstrap, seed=0,
         class_names=class_set.names)
     estimates[args.method].to_json(args.out)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+os.environ["RAY_AUTH_MODE"] = "token"  # this test process is a client of the token-authenticated cluster
 pytest.importorskip("ray")
 
 from conftest import PROJECT, tiny_overrides  # noqa: E402
@@ -68,7 +69,6 @@ def _submit(address: str, job_id: str, overrides: list[str]) -> None:
 
 
 def _client(address: str):
-    os.environ["RAY_AUTH_MODE"] = "token"  # this test process is a client of the token-authenticated cluster
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(address)

@@ -22,7 +22,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from labelshift.adjust import adjust_logits
 from labelshift.calibrate import Calibration, fit_calibration
 from labelshift.estimate import estimate_prior
 from labelshift.priors import prior_l1, write_json_atomic
+
+if TYPE_CHECKING:
+    from labelshift.config import ExperimentConfig
 
 DIGITS_METHODS = ("count", "soft_count", "em", "em_bcts", "bbse")
 DIGITS_ACCURACIES = ("accuracy_no_adjust", "accuracy_em_adjust", "accuracy_oracle_adjust")
@@ -190,7 +193,7 @@ def run_digits(*, seeds: int = DEFAULT_SEEDS, concentrations: Sequence[float] = 
 
 
 # ------------------------------------------------------------------------------------------------- world
-def world_config(path: str | Path, out: Path, overrides: Sequence[str] = ()):
+def world_config(path: str | Path, out: Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """The experiment config with ``output_dir=<out>/world``; an embedded world is generated under it too.
 
     Unless an override sets a ``.root``, the data roots of an embedded world are moved under
@@ -228,9 +231,9 @@ def world_metrics(estimate: dict[str, Any], evaluation: dict[str, Any]) -> dict[
     """Summary of the estimate and evaluate_adapted stage metrics (mIoU in percent points).
 
     ``<method>_recovered_fraction`` = (IA mIoU − no-adjust mIoU) / (pixel-oracle IA mIoU − no-adjust mIoU),
-    None when the oracle gain is zero.
+    None when the oracle gain is not positive (the ratio means nothing then).
     """
-    from labelshift.pipeline.priors_stage import IMAGE_METHODS
+    from labelshift.pipeline.priors_stage import IMAGE_METHODS, PIXEL_METHODS
 
     def miou(name: str) -> float:
         return float(evaluation[f"target_val/{name}"]["miou"])
@@ -245,14 +248,16 @@ def world_metrics(estimate: dict[str, Any], evaluation: dict[str, Any]) -> dict[
         "no_adjust_image_l1": estimate.get("no_adjust_image_l1"),
         "calibration_temperature": estimate.get("calibration_temperature"),
     }
-    methods = [key[:-3] for key in estimate if key.endswith("_l1") and not key.startswith("no_adjust_")]
+    found = {key[:-3] for key in estimate if key.endswith("_l1") and not key.startswith("no_adjust_")}
+    order = (*PIXEL_METHODS, *IMAGE_METHODS)
+    methods = [m for m in order if m in found] + sorted(found - set(order))
     for method in methods:
         ia_miou = miou(f"ia_estimate_{method}")
         metrics[f"{method}_kind"] = "image" if method in IMAGE_METHODS else "pixel"
         metrics[f"{method}_l1"] = float(estimate[f"{method}_l1"])
         metrics[f"{method}_kl"] = float(estimate[f"{method}_kl"])
         metrics[f"{method}_ia_miou"] = ia_miou
-        metrics[f"{method}_recovered_fraction"] = (ia_miou - none) / gain if abs(gain) > 1e-9 else None
+        metrics[f"{method}_recovered_fraction"] = (ia_miou - none) / gain if gain > 1e-9 else None
     metrics["methods"] = methods
     return metrics
 

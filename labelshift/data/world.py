@@ -45,11 +45,9 @@ TRAIN_CITIES: tuple[str, ...] = ("aachen", "bremen")
 VAL_CITIES: tuple[str, ...] = ("frankfurt", "lindau")
 SPLITS: tuple[str, ...] = ("source_train", "source_val", "target_train", "target_val")
 _DOMAIN_CODES = {"source": 1, "target_train": 2, "target_val": 3}
-# The target camera at appearance_shift = 1: warmer-blue cast, slightly lifted blacks, blur, more noise.
-TARGET_COLOR_GAIN_DELTA: tuple[float, float, float] = (-0.08, 0.0, 0.08)
-TARGET_COLOR_OFFSET: tuple[float, float, float] = (6.0, 6.0, 0.0)
-TARGET_BLUR_SIGMA = 0.8
-TARGET_EXTRA_NOISE_STD = 3.0
+# The target camera's colour cast at target_color_cast = 1: bluer, less red, slightly lifted blacks.
+TARGET_COLOR_GAIN_DELTA: tuple[float, float, float] = (-0.04, 0.0, 0.04)
+TARGET_COLOR_OFFSET: tuple[float, float, float] = (4.0, 4.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -67,7 +65,9 @@ class WorldKnobs:
     class_separation: float = 24.0
     instance_color_std: float = 10.0
     pixel_noise_std: float = 5.0
-    appearance_shift: float = 1.0
+    target_color_cast: float = 1.0
+    target_blur_sigma: float = 0.8
+    target_extra_noise_std: float = 3.0
 
     def validate(self) -> None:
         width, height = self.size
@@ -80,8 +80,11 @@ class WorldKnobs:
             raise ValueError(f"source_val_fraction must be in [0, 1), got {self.source_val_fraction}")
         if not 0.0 <= self.presence_floor <= 1.0 or not 0.0 <= self.label_shift <= 1.0:
             raise ValueError("presence_floor and label_shift must be in [0, 1]")
-        if min(self.class_separation, self.instance_color_std, self.pixel_noise_std, self.appearance_shift) < 0:
-            raise ValueError("class_separation, instance_color_std, pixel_noise_std and appearance_shift must be >= 0")
+        appearance = ("class_separation", "instance_color_std", "pixel_noise_std", "target_color_cast",
+                      "target_blur_sigma", "target_extra_noise_std")
+        negative = [name for name in appearance if getattr(self, name) < 0]
+        if negative:
+            raise ValueError(f"{', '.join(negative)} must be >= 0")
 
 
 def presence_rates(presence_floor: float = 0.06, label_shift: float = 1.0) -> dict[str, np.ndarray]:
@@ -101,16 +104,16 @@ def presence_rates(presence_floor: float = 0.06, label_shift: float = 1.0) -> di
 
 
 def domain_styles(knobs: WorldKnobs) -> dict[str, SceneStyle]:
-    """The source camera (plain) and the target camera (colour cast, blur, extra noise times ``appearance_shift``)."""
+    """The source camera (plain) and the target camera (colour cast, blur, extra noise)."""
     common = dict(class_separation=knobs.class_separation, instance_color_std=knobs.instance_color_std)
-    a = knobs.appearance_shift
+    cast = knobs.target_color_cast
     return {
         "source": SceneStyle(pixel_noise_std=knobs.pixel_noise_std, **common),
         "target": SceneStyle(
-            pixel_noise_std=knobs.pixel_noise_std + a * TARGET_EXTRA_NOISE_STD,
-            color_gain=tuple(1.0 + a * d for d in TARGET_COLOR_GAIN_DELTA),
-            color_offset=tuple(a * o for o in TARGET_COLOR_OFFSET),
-            blur_sigma=a * TARGET_BLUR_SIGMA, **common),
+            pixel_noise_std=float(np.hypot(knobs.pixel_noise_std, knobs.target_extra_noise_std)),
+            color_gain=tuple(1.0 + cast * d for d in TARGET_COLOR_GAIN_DELTA),
+            color_offset=tuple(cast * o for o in TARGET_COLOR_OFFSET),
+            blur_sigma=knobs.target_blur_sigma, **common),
     }
 
 
@@ -263,7 +266,8 @@ def generate_world(out_dir: str | os.PathLike, *, size: tuple[int, int] = (256, 
                    num_source: int = 400, num_target_train: int = 300, num_target_val: int = 100,
                    source_val_fraction: float = 0.15, presence_floor: float = 0.06, label_shift: float = 1.0,
                    class_separation: float = 24.0, instance_color_std: float = 10.0, pixel_noise_std: float = 5.0,
-                   appearance_shift: float = 1.0, overwrite: bool = False) -> dict:
+                   target_color_cast: float = 1.0, target_blur_sigma: float = 0.8,
+                   target_extra_noise_std: float = 3.0, overwrite: bool = False) -> dict:
     """Write the embedded world under ``out_dir`` and return its manifest (the content of ``world.json``).
 
     Args:
@@ -276,7 +280,9 @@ def generate_world(out_dir: str | os.PathLike, *, size: tuple[int, int] = (256, 
         class_separation: colour distance between class means inside a confusable group (smaller = harder).
         instance_color_std: per-channel spread of an object's colour around its class mean.
         pixel_noise_std: per-pixel noise of the source camera (the target adds more).
-        appearance_shift: strength of the target camera's colour cast, blur and extra noise (0 = none).
+        target_color_cast: strength of the target camera's colour cast (0 = none, 1 = gains 0.96/1/1.04 + offset).
+        target_blur_sigma: Gaussian blur of the target camera, in pixels of a 128-pixel-high image.
+        target_extra_noise_std: noise the target camera adds (in quadrature) to ``pixel_noise_std``.
         overwrite: replace a different world already at ``out_dir``; without it that raises ``FileExistsError``.
 
     A complete world with the same knobs already at ``out_dir`` is returned as it is (nothing is rewritten).
@@ -284,7 +290,7 @@ def generate_world(out_dir: str | os.PathLike, *, size: tuple[int, int] = (256, 
     knobs = WorldKnobs(tuple(int(v) for v in size), int(seed), int(num_source), int(num_target_train),
                        int(num_target_val), float(source_val_fraction), float(presence_floor), float(label_shift),
                        float(class_separation), float(instance_color_std), float(pixel_noise_std),
-                       float(appearance_shift))
+                       float(target_color_cast), float(target_blur_sigma), float(target_extra_noise_std))
     knobs.validate()
     out_dir = Path(out_dir)
     existing = read_world_manifest(out_dir)

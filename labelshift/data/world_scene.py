@@ -10,7 +10,7 @@ void) and a float colour canvas at once, so the two always agree:
 
 Appearance: the classes fall into confusable groups (road/sidewalk, building/wall/fence, pole/light/sign,
 vegetation/terrain, person/rider, car/truck/bus/train, motorcycle/bicycle). Each group has a centre colour far
-from the others; inside a group the class mean colours sit ``class_separation`` apart (vertices of a simplex)
+from the others; inside a group the class mean colours differ in hue only, ``class_separation`` apart
 and every instance draws its colour around its class mean with ``instance_color_std``. Pixel noise, a small
 illumination change per image and a domain style (colour gain, blur, extra noise) come last. Shapes differ
 between classes of a group only partly (sizes and aspect ratios overlap), so the class prior decides many
@@ -32,18 +32,20 @@ _NAMES = cityscapes19().names
     "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle"))
 NUM_CLASSES = len(_NAMES)
 
-# (members, RGB centre colour of the group)
-CONFUSABLE_GROUPS: tuple[tuple[tuple[int, ...], tuple[float, float, float]], ...] = (
-    ((ROAD, SIDEWALK), (112.0, 104.0, 110.0)),
-    ((BUILDING, WALL, FENCE), (168.0, 128.0, 92.0)),
-    ((POLE, LIGHT, SIGN), (214.0, 196.0, 70.0)),
-    ((VEGETATION, TERRAIN), (70.0, 148.0, 56.0)),
-    ((SKY,), (136.0, 188.0, 240.0)),
-    ((PERSON, RIDER), (216.0, 84.0, 84.0)),
-    ((CAR, TRUCK, BUS, TRAIN), (44.0, 96.0, 168.0)),
-    ((MOTORCYCLE, BICYCLE), (158.0, 56.0, 188.0)),
+# (members, RGB centre colour of the group, multiplier of class_separation inside the group)
+CONFUSABLE_GROUPS: tuple[tuple[tuple[int, ...], tuple[float, float, float], float], ...] = (
+    ((ROAD, SIDEWALK), (112.0, 104.0, 110.0), 1.0),
+    ((BUILDING, WALL, FENCE), (168.0, 128.0, 92.0), 1.0),
+    ((POLE, LIGHT, SIGN), (214.0, 196.0, 70.0), 1.0),
+    ((VEGETATION, TERRAIN), (70.0, 148.0, 56.0), 1.0),
+    ((SKY,), (136.0, 188.0, 240.0), 1.0),
+    ((PERSON, RIDER), (216.0, 84.0, 84.0), 1.0),
+    ((CAR, TRUCK, BUS, TRAIN), (44.0, 96.0, 168.0), 1.0),
+    ((MOTORCYCLE, BICYCLE), (158.0, 56.0, 188.0), float(__import__("os").environ.get("LS_CYC", "2.0"))),
 )
-_SIMPLEX = np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]], dtype=np.float64) / np.sqrt(8.0)
+# Orthonormal basis of the chroma plane (orthogonal to grey (1, 1, 1)): classes of a group differ in hue only,
+# so brightness changes (shading, blur with dark parts, illumination) move them together, not into each other.
+_CHROMA_BASIS = np.array([[1.0, -1.0, 0.0], [1.0, 1.0, -2.0]]) / np.array([[np.sqrt(2.0)], [np.sqrt(6.0)]])
 
 
 @dataclass(frozen=True)
@@ -68,14 +70,31 @@ class SceneStyle:
 
 
 def class_mean_colours(class_separation: float) -> np.ndarray:
-    """(K, 3) float64 RGB mean colour of each class: group centre + a simplex vertex times the separation."""
+    """(K, 3) float64 RGB mean colour of each class.
+
+    The m classes of a group sit on a regular polygon in the chroma plane around the group centre, adjacent
+    classes ``class_separation`` apart (m = 2: a segment, 3: a triangle, 4: a square).
+    """
     means = np.zeros((NUM_CLASSES, 3))
-    for members, centre in CONFUSABLE_GROUPS:
-        vertices = _SIMPLEX[: len(members)]
-        vertices = vertices - vertices.mean(axis=0) if len(members) > 1 else vertices * 0.0
-        for class_id, vertex in zip(members, vertices):
-            means[class_id] = np.asarray(centre) + class_separation * vertex / np.sqrt(0.5)
+    chroma = __import__("os").environ.get("LS_OFF", "chroma") == "chroma"
+    for g, (members, centre, mult) in enumerate(CONFUSABLE_GROUPS):
+        m = len(members)
+        sep = class_separation * mult
+        if not chroma:
+            vertices = _SIMPLEX[: m]
+            vertices = vertices - vertices.mean(axis=0) if m > 1 else vertices * 0.0
+            for class_id, vertex in zip(members, vertices):
+                means[class_id] = np.asarray(centre) + sep * vertex / np.sqrt(0.5)
+            continue
+        radius = 0.0 if m == 1 else sep / (2.0 * np.sin(np.pi / m))
+        for k, class_id in enumerate(members):
+            angle = 2.0 * np.pi * k / m + 0.7 * g
+            offset = radius * (np.cos(angle) * _CHROMA_BASIS[0] + np.sin(angle) * _CHROMA_BASIS[1])
+            means[class_id] = np.asarray(centre) + offset
     return means
+
+
+_SIMPLEX = np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]], dtype=np.float64) / np.sqrt(8.0)
 
 
 class _Canvas:
@@ -118,12 +137,10 @@ class _Canvas:
 def _background(cv: _Canvas, present: np.ndarray, horizon: float) -> None:
     """Sky above the horizon, ground below it, sidewalks and terrain on the sides of the road."""
     w, h, rng = cv.width, cv.height, cv.rng
-    top = SKY if present[SKY] else BUILDING if present[BUILDING] else VEGETATION if present[VEGETATION] else None
-    if top is not None:
-        cv.rect(top, 0, 0, w, horizon, cv.colour(top))
-    ground = next((c for c in (ROAD, SIDEWALK, TERRAIN) if present[c]), None)
-    if ground is not None:
-        cv.rect(ground, 0, horizon, w, h, cv.colour(ground))
+    top = next(c for c in (SKY, BUILDING, VEGETATION) if present[c])
+    cv.rect(top, 0, 0, w, horizon, cv.colour(top))
+    ground = next(c for c in (ROAD, SIDEWALK, TERRAIN) if present[c])
+    cv.rect(ground, 0, horizon, w, h, cv.colour(ground))
     vanish = w * rng.uniform(0.35, 0.65)
     half = w * 0.03
     edges = {-1: w * rng.uniform(-0.25, 0.3), 1: w * rng.uniform(0.7, 1.25)}
@@ -189,12 +206,12 @@ def _windows(cv: _Canvas, x0: float, y0: float, x1: float, y1: float, colour: np
 
 
 _VEHICLE_SHAPES = {  # class: (width range as a fraction of the image width at depth 1, height / width range)
-    CAR: ((0.16, 0.26), (0.45, 0.6)),
-    TRUCK: ((0.22, 0.34), (0.6, 0.8)),
-    BUS: ((0.3, 0.45), (0.45, 0.62)),
-    TRAIN: ((0.45, 0.75), (0.3, 0.42)),
+    CAR: ((0.14, 0.22), (0.45, 0.6)),
+    TRUCK: ((0.18, 0.3), (0.6, 0.8)),
+    BUS: ((0.26, 0.4), (0.45, 0.62)),
+    TRAIN: ((0.4, 0.65), (0.3, 0.42)),
 }
-_CYCLE_SHAPES = {MOTORCYCLE: (0.1, 0.15), BICYCLE: (0.09, 0.14)}  # width as a fraction of the image width
+_CYCLE_SHAPES = {MOTORCYCLE: (0.12, 0.18), BICYCLE: (0.11, 0.17)}  # width as a fraction of the image width
 
 
 def _depth(cv: _Canvas, base: float, horizon: float) -> float:
@@ -233,7 +250,7 @@ def _vehicle(cv: _Canvas, class_id: int, x: float, base: float, f: float) -> Non
 
 def _person(cv: _Canvas, class_id: int, x: float, base: float, f: float) -> None:
     """Head, body and legs of a person (or a rider without a visible two-wheeler)."""
-    height = cv.height * (0.1 + 0.22 * f) * cv.rng.uniform(0.85, 1.15)
+    height = cv.height * (0.14 + 0.26 * f) * cv.rng.uniform(0.85, 1.15)
     half = height * 0.16
     colour = cv.colour(class_id)
     cv.ellipse(class_id, (x, base - 0.9 * height), (half * 0.7, half * 0.7), colour)
@@ -243,17 +260,19 @@ def _person(cv: _Canvas, class_id: int, x: float, base: float, f: float) -> None
 
 
 def _cycle(cv: _Canvas, class_id: int, x: float, base: float, f: float, rider: bool) -> None:
-    """Two wheels and a frame; a rider sits on top when ``rider``."""
+    """Two wheels and a frame (a motorcycle also has an engine block); a rider sits on top when ``rider``."""
     width = cv.width * f * cv.rng.uniform(*_CYCLE_SHAPES[class_id])
     radius = width * 0.25
     colour = cv.colour(class_id)
-    thick = max(1, round(radius * (0.5 if class_id == MOTORCYCLE else 0.35)))
+    thick = max(2, round(radius * 0.45))
     centres = [(x - width / 2 + radius, base - radius), (x + width / 2 - radius, base - radius)]
     for centre in centres:
-        cv.ellipse(class_id, centre, (radius, radius), colour * 0.5, thickness=thick)
+        cv.ellipse(class_id, centre, (radius, radius), colour * 0.5)
     seat = (x, base - 2.2 * radius)
     cv.line(class_id, centres[0], seat, colour, thick)
     cv.line(class_id, seat, centres[1], colour, thick)
+    if class_id == MOTORCYCLE:
+        cv.ellipse(class_id, (x, base - 1.3 * radius), (1.1 * radius, 0.7 * radius), colour)
     if rider:
         _person(cv, RIDER, x, base - 1.6 * radius, f * 0.9)
 
@@ -313,9 +332,16 @@ def render_scene(rng: np.random.Generator, present: np.ndarray, size: tuple[int,
     """Draw one scene containing the classes flagged in ``present`` ((K,) bool).
 
     Returns: image (H, W, 3) uint8 RGB and train_ids (H, W) uint8 (255 = void), with ``size`` = (W, H).
-    A flagged class may end up invisible when nearer objects cover it; callers count the labels.
+    Every scene has a ground and a top: with no road, sidewalk or terrain flagged, the road is added; with no
+    sky, building or vegetation, the sky. A flagged class may end up invisible when nearer objects cover it;
+    callers count the labels.
     """
     width, height = size
+    present = present.copy()
+    if not present[[SKY, BUILDING, VEGETATION]].any():
+        present[SKY] = True
+    if not present[[ROAD, SIDEWALK, TERRAIN]].any():
+        present[ROAD] = True
     cv = _Canvas(height, width, rng, class_mean_colours(style.class_separation), style.instance_color_std)
     horizon = height * rng.uniform(0.36, 0.5)
     _background(cv, present, horizon)

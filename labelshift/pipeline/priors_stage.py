@@ -34,15 +34,30 @@ def fit_source_calibration(model: nn.Module, loader: Iterable[dict], method: str
     return fit_calibration(logits, labels, method=method), (logits, labels)
 
 
+def calibrated_source_prior(calibration: Calibration, sample_labels: torch.Tensor, source_pixel_prior: ClassPrior) -> ClassPrior:
+    """The prior under which the calibrated posteriors softmax(z/T + b) hold.
+
+    BCTS fits its bias on the source-validation sample, so it absorbs that sample's class mix: the posteriors
+    then hold under the sample's label histogram. Plain temperature scaling keeps the training prior.
+    """
+    if calibration.method != "bcts":
+        return source_pixel_prior
+    counts = torch.bincount(sample_labels.long(), minlength=source_pixel_prior.num_classes).numpy()
+    return ClassPrior.from_counts(source_pixel_prior.classes, counts, "pixel", {
+        "estimator": "label_pixel_counts", "split": "source_val calibration sample",
+        "note": "class mix of the pixels BCTS was fitted on: the prior of the calibrated posteriors"})
+
+
 def run_estimators(model: nn.Module, target_loader: Iterable[dict], *, device: torch.device,
-                   calibration: Calibration, source_pixel_prior: ClassPrior, source_image_prior: ClassPrior,
+                   calibration: Calibration, source_pixel_prior: ClassPrior, calibrated_prior: ClassPrior,
                    source_sample: tuple[torch.Tensor, torch.Tensor], methods: tuple[str, ...],
                    em_sample_pixels: int, presence_threshold: float, bootstrap: int, seed: int,
                    class_names: tuple[str, ...]) -> tuple[dict[str, ClassPrior], LabelStatistics | None]:
     """One pass over target train; returns {method: prior} and the target label statistics (oracle) if labelled.
 
-    Pixel methods see calibrated posteriors softmax(z/T + b), which are calibrated under the plain source
-    prior (EM takes that one); the ``reference`` rule sees the raw softmax, as the reference code did.
+    Pixel methods see calibrated posteriors softmax(z/T + b), which hold under ``calibrated_prior`` (EM takes
+    that one); the ``reference`` rule sees the raw softmax and thresholds on the source-train pixel
+    frequencies, as the reference code did.
     """
     estimators = {}
     for method in methods:
@@ -52,7 +67,7 @@ def run_estimators(model: nn.Module, target_loader: Iterable[dict], *, device: t
         elif method == "presence":
             kwargs["threshold"] = presence_threshold
         elif method == "em":
-            kwargs.update(source_prior=source_pixel_prior, sample_size=em_sample_pixels)
+            kwargs.update(source_prior=calibrated_prior, sample_size=em_sample_pixels)
         estimators[method] = make_estimator(method, class_names, **kwargs)
     if "bbse" in estimators:
         logits, labels = source_sample

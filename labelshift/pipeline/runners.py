@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 
@@ -15,6 +17,32 @@ from labelshift.config import RayConfig
 from labelshift.train.context import LocalContext
 from labelshift.train.loop import FINAL_MODEL
 from labelshift.train.stages import run_stage, train_worker
+
+
+T = TypeVar("T")
+
+
+def run_interruptibly(fn: Callable[[], T], poll_seconds: float = 0.5) -> T:
+    """Run ``fn`` in a daemon thread while the main thread keeps executing Python.
+
+    A blocking Ray call holds the main thread in C++, where Python signal handlers never run; waiting on a
+    thread instead lets the job's SIGTERM handler fire at once (so MLflow runs end KILLED, not RUNNING).
+    """
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:  # re-raised in the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="labelshift-train", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(poll_seconds)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 class LocalTrainRunner:
@@ -55,7 +83,7 @@ class RayTrainRunner:
                                  failure_config=FailureConfig(max_failures=cfg.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),
         )
-        result = trainer.fit()
+        result = run_interruptibly(trainer.fit)
         if result.checkpoint is None:
             raise RuntimeError(f"Ray Train run {run_name} finished without a checkpoint")
         with tempfile.TemporaryDirectory() as tmp:

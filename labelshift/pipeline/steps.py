@@ -13,8 +13,8 @@ from labelshift.inference import evaluate
 from labelshift.models import checkpoint_sha256
 from labelshift.pipeline.job import MODEL_FILE, Pipeline
 from labelshift.pipeline.manifest import write_json_atomic
-from labelshift.pipeline.priors_stage import (IMAGE_METHODS, PIXEL_METHODS, fit_source_calibration, label_statistics,
-                                              prior_errors, run_estimators)
+from labelshift.pipeline.priors_stage import (IMAGE_METHODS, PIXEL_METHODS, calibrated_source_prior,
+                                              fit_source_calibration, label_statistics, prior_errors, run_estimators)
 from labelshift.priors import ClassPrior, load_prior
 from labelshift.pseudo import write_pseudo_labels
 
@@ -40,14 +40,14 @@ def pretrain(p: Pipeline) -> None:
 
 
 def ensure_world(p: Pipeline) -> None:
+    """Generate the configured world (a no-op when the same world is already there; replaced when it differs)."""
     from labelshift.build import world_root_of
-    from labelshift.data.world import generate_world
+    from labelshift.data.world import generate_world, read_world_manifest
 
     root = world_root_of(p.cfg)
-    if (root / "world.json").is_file():
-        return
-    p.log(f"[world] generating the embedded world in {root}")
-    generate_world(root, **p.cfg.data.world.model_dump())
+    if read_world_manifest(root) is None:
+        p.log(f"[world] generating the embedded world in {root}")
+    generate_world(root, **p.cfg.data.world.model_dump(), overwrite=True)
 
 
 def _source_priors(p: Pipeline, partial: Path) -> tuple[ClassPrior, ClassPrior]:
@@ -68,15 +68,16 @@ def estimate(p: Pipeline) -> None:
         source_pixel, source_image = _source_priors(p, partial)
         calibration, sample = fit_source_calibration(model, p.loader("source_val"), prior_cfg.calibration,
                                                      device=p.device, seed=p.cfg.train.source.seed)
+        calibrated = calibrated_source_prior(calibration, sample[1], source_pixel)
         methods = tuple(dict.fromkeys((prior_cfg.method, *PIXEL_METHODS, *IMAGE_METHODS)))
         estimates, oracle = run_estimators(
             model, p.loader("target", with_labels=prior_cfg.oracle, max_images=prior_cfg.max_images), device=p.device, calibration=calibration,
-            source_pixel_prior=source_pixel, source_image_prior=source_image, source_sample=sample,
+            source_pixel_prior=source_pixel, calibrated_prior=calibrated, source_sample=sample,
             methods=methods, em_sample_pixels=prior_cfg.em_sample_pixels,
             presence_threshold=prior_cfg.presence_threshold, bootstrap=prior_cfg.bootstrap,
             seed=p.cfg.train.source.seed, class_names=p.class_set.names)
         checkpoint = checkpoint_sha256(p.adapted_model_path())
-        outputs = {"source_pixel": source_pixel, "source_image": source_image,
+        outputs = {"source_pixel": source_pixel, "source_image": source_image, "source_calibrated": calibrated,
                    **{f"estimate_{m}": e.with_provenance(checkpoint_sha256=checkpoint, split="target")
                       for m, e in estimates.items()}}
         chosen = load_prior(prior_cfg.target_prior, p.class_set) if prior_cfg.target_prior else estimates[prior_cfg.method]
@@ -95,13 +96,15 @@ def estimate(p: Pipeline) -> None:
     p._run_stage("estimate", body)
 
 
-def _ia(calibration: Calibration, source: ClassPrior, target: ClassPrior, p: Pipeline):
-    """IA on logits: pixel priors in the calibrated space (z/T + b), image priors on raw logits (reference)."""
+def _ia(calibration: Calibration, priors: dict[str, ClassPrior], target: ClassPrior, p: Pipeline):
+    """IA on raw logits. Pixel priors: in the calibrated space, z/T + b − log π_cal + log π_t, written as
+    z/T − log(π_cal·e^(−b)) + log π_t. Image priors: raw logits against the source image prior (reference)."""
     adjust = p.cfg.adjust
     if target.kind == "pixel":
-        source = calibration.effective_source_prior(source)
+        source = calibration.effective_source_prior(priors["source_calibrated"])
         temperature = calibration.temperature
     else:
+        source = priors["source_image"]
         temperature = adjust.temperature
     return functools.partial(adjust_logits, source_prior=source, target_prior=target, temperature=temperature,
                              tau_source=adjust.tau_source, tau_target=adjust.tau_target)
@@ -131,8 +134,7 @@ def evaluate_adapted(p: Pipeline) -> None:
         transforms = {"none": None}
         for name, prior in priors.items():
             if name.startswith("estimate_") or name in ("target",) or name.startswith("oracle_"):
-                source = priors["source_pixel" if prior.kind == "pixel" else "source_image"]
-                transforms[f"ia_{name}"] = _ia(calibration, source, prior, p)
+                transforms[f"ia_{name}"] = _ia(calibration, priors, prior, p)
         return _evaluate(p, None, transforms, partial, with_source=True)
 
     p._run_stage("evaluate_adapted", body)
