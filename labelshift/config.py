@@ -17,14 +17,26 @@ class _Strict(BaseModel):
 
 
 class WorldConfig(_Strict):
-    """The embedded synthetic world (``labelshift.data.world``)."""
+    """The embedded synthetic world (``labelshift.data.world.generate_world``; knobs in docs/world.md).
+
+    Knobs left unset take the generator's documented defaults.
+    """
 
     seed: int = 0
     size: tuple[int, int] = (256, 128)  # (width, height)
     num_source: int = 400
     num_target_train: int = 300
     num_target_val: int = 100
-    source_val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    source_val_fraction: float = Field(0.15, gt=0.0, lt=1.0)
+    presence_floor: float | None = None
+    label_shift: float | None = None
+    class_separation: float | None = None
+    instance_color_std: float | None = None
+    pixel_noise_std: float | None = None
+    target_instance_color_std: float | None = None
+    target_color_cast: float | None = None
+    target_blur_sigma: float | None = None
+    target_extra_noise_std: float | None = None
 
 
 class DatasetConfig(_Strict):
@@ -77,11 +89,12 @@ class ModelConfig(_Strict):
 
 
 class OptimConfig(_Strict):
+    optimizer: Literal["sgd", "adam"] = "sgd"  # the reference recipe is SGD; adam trains the small CPU model faster
     iterations: int = 1000
     batch_size: int = 8  # global batch, split across workers
     lr: float = 2.5e-4  # backbone LR; the head trains at ``head_lr_mult`` times it (reference: 10)
     head_lr_mult: float = 10.0
-    momentum: float = 0.9
+    momentum: float = 0.9  # SGD only
     weight_decay: float = 5e-4
     poly_power: float = 0.9
     checkpoint_every: int = 200
@@ -223,7 +236,25 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path}: expected a mapping at the top level, got {type(raw).__name__}")
     apply_overrides(raw, overrides, str(path))
-    return config_from_dict(raw, str(path))
+    return absolute_paths(config_from_dict(raw, str(path)))
+
+
+def absolute_paths(cfg: ExperimentConfig, base: Path | None = None) -> ExperimentConfig:
+    """Relative filesystem paths resolved against ``base`` (default: the working directory), so that Ray
+    workers, whose working directory differs, read and write the same files. List files stay relative to
+    their dataset root; preset names and "imagenet" are not paths."""
+    base = Path.cwd() if base is None else base
+    absolute = lambda value: None if value is None else str((base / value).resolve())  # noqa: E731
+    cfg.output_dir = absolute(cfg.output_dir)
+    for split in ("source", "source_val", "target", "target_val"):
+        dataset = getattr(cfg.data, split)
+        if dataset is not None:
+            dataset.root = absolute(dataset.root)
+    cfg.model.checkpoint = absolute(cfg.model.checkpoint)
+    if cfg.model.pretrained not in (None, "imagenet"):
+        cfg.model.pretrained = absolute(cfg.model.pretrained)
+    cfg.ray.storage_path = absolute(cfg.ray.storage_path)
+    return cfg
 
 
 def dump_config(cfg: ExperimentConfig) -> dict:

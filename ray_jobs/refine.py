@@ -34,10 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    # Inside `ray job submit`, RAY_ADDRESS names the cluster. Otherwise start a fresh local instance ("local"),
+    # never attach to whatever cluster /tmp/ray last recorded.
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address)  # None: a local Ray instance (its dashboard serves Train's state queries)
+        ray.init(address=address)
     try:
         device = torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
         runner = RayTrainRunner(cfg.ray, cfg.ray.storage_path or Path(cfg.output_dir) / "ray")

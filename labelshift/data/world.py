@@ -48,6 +48,7 @@ _DOMAIN_CODES = {"source": 1, "target_train": 2, "target_val": 3}
 # The target camera's colour cast at target_color_cast = 1: bluer, less red, slightly lifted blacks.
 TARGET_COLOR_GAIN_DELTA: tuple[float, float, float] = (-0.04, 0.0, 0.04)
 TARGET_COLOR_OFFSET: tuple[float, float, float] = (4.0, 4.0, 0.0)
+HAZE_GREY = 128.0
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class WorldKnobs:
     instance_color_std: float = 10.0
     pixel_noise_std: float = 5.0
     target_instance_color_std: float = 14.0
+    target_contrast: float = 1.0
     target_color_cast: float = 1.0
     target_blur_sigma: float = 0.8
     target_extra_noise_std: float = 3.0
@@ -82,7 +84,7 @@ class WorldKnobs:
         if not 0.0 <= self.presence_floor <= 1.0 or not 0.0 <= self.label_shift <= 1.0:
             raise ValueError("presence_floor and label_shift must be in [0, 1]")
         appearance = ("class_separation", "instance_color_std", "pixel_noise_std", "target_instance_color_std",
-                      "target_color_cast", "target_blur_sigma", "target_extra_noise_std")
+                      "target_contrast", "target_color_cast", "target_blur_sigma", "target_extra_noise_std")
         negative = [name for name in appearance if getattr(self, name) < 0]
         if negative:
             raise ValueError(f"{', '.join(negative)} must be >= 0")
@@ -106,15 +108,15 @@ def presence_rates(presence_floor: float = 0.06, label_shift: float = 1.0) -> di
 
 def domain_styles(knobs: WorldKnobs) -> dict[str, SceneStyle]:
     """The source camera (plain) and the target camera (colour cast, blur, extra noise)."""
-    cast = knobs.target_color_cast
+    cast, contrast = knobs.target_color_cast, knobs.target_contrast
     return {
         "source": SceneStyle(class_separation=knobs.class_separation, instance_color_std=knobs.instance_color_std,
                              pixel_noise_std=knobs.pixel_noise_std),
         "target": SceneStyle(
             class_separation=knobs.class_separation, instance_color_std=knobs.target_instance_color_std,
             pixel_noise_std=float(np.hypot(knobs.pixel_noise_std, knobs.target_extra_noise_std)),
-            color_gain=tuple(1.0 + cast * d for d in TARGET_COLOR_GAIN_DELTA),
-            color_offset=tuple(cast * o for o in TARGET_COLOR_OFFSET),
+            color_gain=tuple(contrast * (1.0 + cast * d) for d in TARGET_COLOR_GAIN_DELTA),
+            color_offset=tuple((1.0 - contrast) * HAZE_GREY + cast * o for o in TARGET_COLOR_OFFSET),
             blur_sigma=knobs.target_blur_sigma),
     }
 
@@ -268,7 +270,8 @@ def generate_world(out_dir: str | os.PathLike, *, size: tuple[int, int] = (256, 
                    num_source: int = 400, num_target_train: int = 300, num_target_val: int = 100,
                    source_val_fraction: float = 0.15, presence_floor: float = 0.06, label_shift: float = 1.0,
                    class_separation: float = 24.0, instance_color_std: float = 10.0, pixel_noise_std: float = 5.0,
-                   target_instance_color_std: float = 14.0, target_color_cast: float = 1.0,
+                   target_instance_color_std: float = 14.0, target_contrast: float = 1.0,
+                   target_color_cast: float = 1.0,
                    target_blur_sigma: float = 0.8,
                    target_extra_noise_std: float = 3.0, overwrite: bool = False) -> dict:
     """Write the embedded world under ``out_dir`` and return its manifest (the content of ``world.json``).
@@ -284,6 +287,7 @@ def generate_world(out_dir: str | os.PathLike, *, size: tuple[int, int] = (256, 
         instance_color_std: per-channel spread of an object's colour around its class mean.
         pixel_noise_std: per-pixel noise of the source camera (the target adds more).
         target_instance_color_std: ``instance_color_std`` of the target (objects vary more in colour there).
+        target_contrast: the target camera maps a colour x to ``contrast * x + (1 - contrast) * 128`` (haze).
         target_color_cast: strength of the target camera's colour cast (0 = none, 1 = gains 0.96/1/1.04 + offset).
         target_blur_sigma: Gaussian blur of the target camera, in pixels of a 128-pixel-high image.
         target_extra_noise_std: noise the target camera adds (in quadrature) to ``pixel_noise_std``.
@@ -294,7 +298,7 @@ def generate_world(out_dir: str | os.PathLike, *, size: tuple[int, int] = (256, 
     knobs = WorldKnobs(tuple(int(v) for v in size), int(seed), int(num_source), int(num_target_train),
                        int(num_target_val), float(source_val_fraction), float(presence_floor), float(label_shift),
                        float(class_separation), float(instance_color_std), float(pixel_noise_std),
-                       float(target_instance_color_std), float(target_color_cast), float(target_blur_sigma), float(target_extra_noise_std))
+                       float(target_instance_color_std), float(target_contrast), float(target_color_cast), float(target_blur_sigma), float(target_extra_noise_std))
     knobs.validate()
     out_dir = Path(out_dir)
     existing = read_world_manifest(out_dir)

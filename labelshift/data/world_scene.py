@@ -219,19 +219,26 @@ def _depth(cv: _Canvas, base: float, horizon: float) -> float:
     return 0.3 + 0.7 * float(np.clip((base - horizon) / (cv.height - horizon), 0.0, 1.0))
 
 
-def _pole(cv: _Canvas, present: np.ndarray, x: float, base: float, f: float) -> None:
-    """A pole standing at (x, base), with a traffic light and/or a sign near its top."""
-    rng, s = cv.rng, cv.scale
-    height = min(base - 2, cv.height * (0.2 + 0.45 * f) * rng.uniform(0.8, 1.15))
-    half = max(1.0, (0.8 + 1.8 * f) * s)
+def _pole(cv: _Canvas, x: float, base: float, f: float) -> None:
+    """A pole standing at (x, base)."""
+    height = min(base - 2, cv.height * (0.2 + 0.45 * f) * cv.rng.uniform(0.8, 1.15))
+    half = max(1.0, (1.2 + 2.0 * f) * cv.scale)
     cv.rect(POLE, x - half, base - height, x + half, base, cv.colour(POLE))
-    top = base - height
-    if present[LIGHT] and rng.random() < 0.6:
-        bw = (4 + 6 * f) * s
-        cv.rect(LIGHT, x + half, top, x + half + bw, top + bw * rng.uniform(1.6, 2.4), cv.colour(LIGHT))
-    if present[SIGN] and rng.random() < 0.6:
-        sw, y = (6 + 8 * f) * s, top + height * rng.uniform(0.05, 0.3)
-        cv.rect(SIGN, x - half - sw, y, x - half, y + sw * rng.uniform(0.8, 1.25), cv.colour(SIGN))
+
+
+def _mounted_box(cv: _Canvas, class_id: int, x: float, base: float, f: float) -> None:
+    """A traffic light (tall box) or sign (squarish box) hanging above the ground point (x, base).
+
+    Lights and signs never sit on a drawn pole: their look must not depend on whether poles are present,
+    which differs between the domains (the label-shift assumption p_s(x|y) = p_t(x|y)).
+    """
+    rng, s = cv.rng, cv.scale
+    if class_id == LIGHT:
+        width, aspect = (5 + 7 * f) * s, rng.uniform(1.6, 2.4)
+    else:
+        width, aspect = (8 + 10 * f) * s, rng.uniform(0.8, 1.25)
+    top = base - cv.height * (0.2 + 0.45 * f) * rng.uniform(0.75, 1.1)
+    cv.rect(class_id, x - width / 2, top, x + width / 2, top + width * aspect, cv.colour(class_id))
 
 
 def _vehicle(cv: _Canvas, class_id: int, x: float, base: float, f: float) -> None:
@@ -259,12 +266,12 @@ def _person(cv: _Canvas, class_id: int, x: float, base: float, f: float) -> None
         cv.line(class_id, (x + dx, base - 0.35 * height), (x + 1.4 * dx, base), colour, round(0.6 * half))
 
 
-def _cycle(cv: _Canvas, class_id: int, x: float, base: float, f: float, rider: bool) -> None:
-    """Two wheels and a frame (a motorcycle also has an engine block); a rider sits on top when ``rider``."""
+def _cycle(cv: _Canvas, class_id: int, x: float, base: float, f: float) -> None:
+    """Two wheels and a frame; a motorcycle also has an engine block."""
     width = cv.width * f * cv.rng.uniform(*_CYCLE_SHAPES[class_id])
     radius = width * 0.25
     colour = cv.colour(class_id)
-    thick = max(2, round(radius * 0.45))
+    thick = max(2, round(radius * 0.6))
     centres = [(x - width / 2 + radius, base - radius), (x + width / 2 - radius, base - radius)]
     for centre in centres:
         cv.ellipse(class_id, centre, (radius, radius), colour * 0.5)
@@ -273,58 +280,38 @@ def _cycle(cv: _Canvas, class_id: int, x: float, base: float, f: float, rider: b
     cv.line(class_id, seat, centres[1], colour, thick)
     if class_id == MOTORCYCLE:
         cv.ellipse(class_id, (x, base - 1.3 * radius), (1.1 * radius, 0.7 * radius), colour)
-    if rider:
-        _person(cv, RIDER, x, base - 1.6 * radius, f * 0.9)
+
+
+# kind of object -> (classes, (fewest, most) instances when present, lowest ground line as a fraction)
+_OBJECT_KINDS: dict[str, tuple[tuple[int, ...], tuple[int, int], float]] = {
+    "pole": ((POLE,), (1, 3), 0.1),
+    "mounted": ((LIGHT, SIGN), (1, 2), 0.1),
+    "vehicle": ((CAR, TRUCK, BUS, TRAIN), (1, 2), 0.15),
+    "person": ((PERSON, RIDER), (1, 3), 0.05),
+    "cycle": ((MOTORCYCLE, BICYCLE), (1, 2), 0.05),
+}
+_DRAW = {"pole": lambda cv, c, x, b, f: _pole(cv, x, b, f), "mounted": _mounted_box, "vehicle": _vehicle,
+         "person": _person, "cycle": _cycle}
 
 
 def _objects(cv: _Canvas, present: np.ndarray, horizon: float) -> None:
-    """Poles, vehicles, persons and two-wheelers, drawn from the farthest ground line to the nearest."""
-    rng = cv.rng
-    ground = cv.height - horizon
-    items: list[tuple[float, int, tuple]] = []
+    """Every object of a present class, drawn from the farthest ground line to the nearest.
 
-    def place(kind: str, *args, low: float = 0.05) -> None:
-        base = horizon + ground * rng.uniform(low, 1.0)
-        items.append((base, len(items), (kind, args, rng.uniform(0.0, 1.0) * cv.width, base)))
-
-    if present[POLE]:
-        for _ in range(rng.integers(1, 4)):
-            place("pole", low=0.1)
-    for class_id in _VEHICLE_SHAPES:
-        if present[class_id]:
-            for _ in range(rng.integers(1, 4 if class_id == CAR else 3)):
-                place("vehicle", class_id, low=0.15)
-    if present[PERSON]:
-        for _ in range(rng.integers(1, 5)):
-            place("person", PERSON)
-    riders = int(rng.integers(1, 3)) if present[RIDER] else 0
-    for class_id in _CYCLE_SHAPES:
-        if present[class_id]:
-            for _ in range(rng.integers(1, 3)):
-                place("cycle", class_id, riders > 0 and rng.random() < 0.7)
-                riders -= int(items[-1][2][1][1])
-    for _ in range(max(riders, 0)):
-        place("person", RIDER)
-    for base, _, (kind, args, x, base) in sorted(items):
-        f = _depth(cv, base, horizon)
-        if kind == "pole":
-            _pole(cv, present, x, base, f)
-        elif kind == "vehicle":
-            _vehicle(cv, args[0], x, base, f)
-        elif kind == "person":
-            _person(cv, args[0], x, base, f)
-        else:
-            _cycle(cv, args[0], x, base, f, args[1])
-    _floating_boxes(cv, present, horizon)
-
-
-def _floating_boxes(cv: _Canvas, present: np.ndarray, horizon: float) -> None:
-    """Traffic lights and signs that no pole carried (hanging over the road)."""
-    for class_id, aspect in ((LIGHT, (1.6, 2.4)), (SIGN, (0.8, 1.25))):
-        if present[class_id] and not _drawn(cv, class_id):
-            size = cv.scale * cv.rng.uniform(6, 12)
-            x, y = cv.width * cv.rng.uniform(0.05, 0.95), horizon * cv.rng.uniform(0.3, 0.9)
-            cv.rect(class_id, x, y, x + size, y + size * cv.rng.uniform(*aspect), cv.colour(class_id))
+    Objects are placed independently of each other (riders stand alone, lights and signs hang free), so an
+    object's appearance does not depend on which other classes a domain tends to show.
+    """
+    rng, ground = cv.rng, cv.height - horizon
+    items: list[tuple[float, int, str, int, float]] = []
+    for kind, (classes, (fewest, most), low) in _OBJECT_KINDS.items():
+        for class_id in classes:
+            if not present[class_id]:
+                continue
+            extra = 1 if class_id in (CAR, PERSON) else 0
+            for _ in range(rng.integers(fewest, most + extra + 1)):
+                base = horizon + ground * rng.uniform(low, 1.0)
+                items.append((base, len(items), kind, class_id, cv.width * rng.uniform(0.0, 1.0)))
+    for base, _, kind, class_id, x in sorted(items):
+        _DRAW[kind](cv, class_id, x, base, _depth(cv, base, horizon))
 
 
 def render_scene(rng: np.random.Generator, present: np.ndarray, size: tuple[int, int],

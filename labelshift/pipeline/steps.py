@@ -47,7 +47,7 @@ def ensure_world(p: Pipeline) -> None:
     root = world_root_of(p.cfg)
     if read_world_manifest(root) is None:
         p.log(f"[world] generating the embedded world in {root}")
-    generate_world(root, **p.cfg.data.world.model_dump(), overwrite=True)
+    generate_world(root, **p.cfg.data.world.model_dump(exclude_none=True), overwrite=True)
 
 
 def _source_priors(p: Pipeline, partial: Path) -> tuple[ClassPrior, ClassPrior]:

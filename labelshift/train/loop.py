@@ -74,9 +74,12 @@ def poly_lr(base_lr: float, step: int, total_steps: int, power: float) -> float:
     return base_lr * (1.0 - step / total_steps) ** power
 
 
-def make_optimizer(groups: list[tuple[list[nn.Parameter], float]], optim: OptimConfig) -> torch.optim.SGD:
-    """SGD over (params, base LR) groups; each group keeps its base LR in ``initial_lr`` for the poly schedule."""
+def make_optimizer(groups: list[tuple[list[nn.Parameter], float]], optim: OptimConfig) -> torch.optim.Optimizer:
+    """SGD (or Adam) over (params, base LR) groups; each group keeps its base LR in ``initial_lr`` for the poly
+    schedule."""
     param_groups = [{"params": params, "lr": lr, "initial_lr": lr} for params, lr in groups if params]
+    if optim.optimizer == "adam":
+        return torch.optim.Adam(param_groups, lr=groups[0][1], weight_decay=optim.weight_decay)
     return torch.optim.SGD(param_groups, lr=groups[0][1], momentum=optim.momentum, weight_decay=optim.weight_decay)
 
 
