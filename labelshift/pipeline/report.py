@@ -4,7 +4,7 @@ from __future__ import annotations
 ROWS = (
     ("source-only (adapted model)", "evaluate_adapted", "none"),
     ("+IA (estimated prior)", "evaluate_adapted", "ia_target"),
-    ("+IA (oracle prior)", "evaluate_adapted", "ia_oracle_pixel"),
+    ("+IA (oracle prior)", "evaluate_adapted", "ia_oracle"),
     ("+CR (classifier refinement)", "evaluate_refined", "none"),
     ("+self-distillation", "evaluate_distilled", "none"),
 )

@@ -135,6 +135,9 @@ def evaluate_adapted(p: Pipeline) -> None:
         for name, prior in priors.items():
             if name.startswith("estimate_") or name in ("target",) or name.startswith("oracle_"):
                 transforms[f"ia_{name}"] = _ia(calibration, priors, prior, p)
+        oracle_same_kind = f"oracle_{priors['target'].kind}"
+        if oracle_same_kind in priors:  # the ceiling for the configured estimate: the oracle of the same kind
+            transforms["ia_oracle"] = transforms[f"ia_{oracle_same_kind}"]
         return _evaluate(p, None, transforms, partial, with_source=True)
 
     p._run_stage("evaluate_adapted", body)
