@@ -63,8 +63,16 @@ def head(tmp_path_factory):
 
 
 def _submit(address: str, job_id: str, overrides: list[str]) -> None:
-    _ray("job", "submit", "--address", address, "--submission-id", job_id, "--working-dir", str(PROJECT),
-         "--no-wait", "--", "python", "ray_jobs/refine.py", "--config", "configs/demo.yaml", *overrides)
+    """`ray job submit`; retried while the head's job agent is still starting (the REST API answers first)."""
+    deadline = time.time() + 120
+    while True:
+        done = _ray("job", "submit", "--address", address, "--submission-id", job_id, "--working-dir",
+                    str(PROJECT), "--no-wait", "--", "python", "ray_jobs/refine.py", "--config", "configs/demo.yaml",
+                    *overrides, check=False)
+        if done.returncode == 0:
+            return
+        assert time.time() < deadline, f"ray job submit failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+        time.sleep(3)
 
 
 def _get(address: str, path: str) -> dict:
