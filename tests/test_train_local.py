@@ -1,6 +1,7 @@
 """Training loops and the pipeline in one process (no Ray): resume, CR freezes the extractor, manifests."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from labelshift.build import build_model
@@ -97,3 +98,17 @@ def test_pipeline_runs_skips_and_reruns_what_changed(tiny_cfg, tmp_path):
     Pipeline(changed, LocalTrainRunner(out / "train"), Tracker(), log=logs.append).run()
     skipped = {line.split("]")[0][1:] for line in logs if line.endswith("skipped")}
     assert skipped == {"pretrain", "estimate", "evaluate_adapted"}
+
+
+def test_cross_entropy_is_finite_when_every_pixel_is_ignored():
+    from labelshift.train.stages import cross_entropy_over_valid_pixels
+
+    logits = torch.randn(2, 19, 4, 4, requires_grad=True)
+    ignored = torch.full((2, 4, 4), 255)
+    loss = cross_entropy_over_valid_pixels(logits, ignored)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(logits.grad).all()
+    labels = torch.randint(0, 19, (2, 4, 4))
+    labels[0] = 255
+    expected = torch.nn.functional.cross_entropy(logits, labels, ignore_index=255)
+    assert cross_entropy_over_valid_pixels(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)

@@ -39,6 +39,13 @@ class _FrozenFeaturesHead(nn.Module):
         return self.model.forward_head(features)
 
 
+def cross_entropy_over_valid_pixels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean CE over pixels whose label is not 255; 0 (with a gradient) when a batch has none, e.g. when every
+    pseudo label fell below the confidence threshold."""
+    total = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (labels != IGNORE_INDEX).sum().clamp_min(1)
+
+
 def _optim_of(cfg: ExperimentConfig, stage: str) -> OptimConfig:
     return getattr(cfg.train, stage)
 
@@ -69,7 +76,6 @@ def _prepare(payload: dict, ctx: TrainContext) -> tuple[ExperimentConfig, nn.Mod
     model = model.to(ctx.device)
     if ctx.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    ce = lambda logits, labels: F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)  # noqa: E731
     if stage == "refine":
         for p in model.backbone_parameters():
             p.requires_grad_(False)
@@ -85,7 +91,7 @@ def _prepare(payload: dict, ctx: TrainContext) -> tuple[ExperimentConfig, nn.Mod
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.train()
     groups = [(list(model.backbone_parameters()), optim.lr), (list(model.head_parameters()), optim.lr * optim.head_lr_mult)]
-    return cfg, model, groups, ctx.wrap_model(model), ce
+    return cfg, model, groups, ctx.wrap_model(model), cross_entropy_over_valid_pixels
 
 
 def run_stage(payload: dict, ctx: TrainContext) -> dict:
