@@ -94,7 +94,7 @@ def test_pipeline_runs_skips_and_reruns_what_changed(tiny_cfg, tmp_path):
     for method in ("reference", "count", "soft_count", "presence", "em", "bbse"):
         assert 0 <= estimate[f"{method}_l1"] <= 2
     logs.clear()
-    changed = tiny_cfg("train.refine.lr=0.002", out=out)
+    changed = tiny_cfg("train.refine.lr=0.0031", out=out)
     Pipeline(changed, LocalTrainRunner(out / "train"), Tracker(), log=logs.append).run()
     skipped = {line.split("]")[0][1:] for line in logs if line.endswith("skipped")}
     assert skipped == {"pretrain", "estimate", "evaluate_adapted"}

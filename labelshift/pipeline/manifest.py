@@ -14,19 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from labelshift.priors import write_json_atomic
+
 MANIFEST = "manifest.json"
 
 
 def fingerprint(data: Any) -> str:
     """sha256 of canonical JSON."""
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
 
 
 class StageDir:
