@@ -19,15 +19,15 @@ class _Strict(BaseModel):
 class WorldConfig(_Strict):
     """The embedded synthetic world (``labelshift.data.world.generate_world``; knobs in docs/world.md).
 
-    Knobs left unset take the generator's documented defaults.
+    Knobs left unset (None) take the generator's defaults (``WorldKnobs``, docs/world.md).
     """
 
     seed: int = 0
-    size: tuple[int, int] = (256, 128)  # (width, height)
-    num_source: int = 400
-    num_target_train: int = 300
-    num_target_val: int = 100
-    source_val_fraction: float = Field(0.15, gt=0.0, lt=1.0)
+    size: tuple[int, int] | None = None  # (width, height)
+    num_source: int | None = None
+    num_target_train: int | None = None
+    num_target_val: int | None = None
+    source_val_fraction: float | None = Field(None, gt=0.0, lt=1.0)
     presence_floor: float | None = None
     label_shift: float | None = None
     class_separation: float | None = None
@@ -116,8 +116,15 @@ class TrainConfig(_Strict):
 
 
 class AdjustConfig(_Strict):
-    """Inference Adjustment: z' = z / T − τ_s·log π_s + τ_t·log π_t."""
+    """Inference Adjustment: z' = z / T − τ_s·log π_s + τ_t·log π_t.
 
+    ``space``: ``raw`` adjusts the raw logits against the exact source prior of the target prior's kind (the
+    paper's IA); ``calibrated`` adjusts pixel priors in the calibration's space, z/T + b − log π_cal + log π_t
+    (exact under pure label shift, but the calibration is fitted on source val and need not transfer across an
+    appearance shift).
+    """
+
+    space: Literal["raw", "calibrated"] = "raw"
     temperature: float = Field(1.0, gt=0)
     tau_source: float = 1.0
     tau_target: float = 1.0

@@ -143,3 +143,31 @@ def test_em_on_bcts_calibrated_probabilities_takes_the_plain_source_prior():
     assert prior_l1(plain, TARGET_PRIOR) < 0.02
     assert prior_l1(effective, TARGET_PRIOR) > 3 * prior_l1(plain, TARGET_PRIOR)
     assert prior_l1(uncalibrated, TARGET_PRIOR) > 3 * prior_l1(plain, TARGET_PRIOR)
+
+
+@pytest.mark.parametrize("space", ["raw", "calibrated"])
+def test_pipeline_ia_space(space):
+    """``adjust.space``: raw logits against the exact source prior, or the calibrated space of pixel priors."""
+    from types import SimpleNamespace
+
+    from labelshift.config import AdjustConfig
+    from labelshift.pipeline.steps import _ia
+
+    logits = torch.randn(3, len(NAMES), 4, 4, dtype=torch.float64)
+    calibration = Calibration(0.8, np.array([0.3, -0.2, 0.0, 0.1, -0.4]), method="bcts")
+    priors = {"source_pixel": ClassPrior(NAMES, [0.4, 0.3, 0.1, 0.1, 0.1], "pixel"),
+              "source_calibrated": ClassPrior(NAMES, [0.2, 0.2, 0.2, 0.2, 0.2], "pixel"),
+              "source_image": ClassPrior(NAMES, [0.9, 0.8, 0.5, 0.3, 0.1], "image")}
+    target = ClassPrior(NAMES, [0.1, 0.1, 0.2, 0.3, 0.3], "pixel")
+    pipeline = SimpleNamespace(cfg=SimpleNamespace(adjust=AdjustConfig(space=space)))
+    adjusted = _ia(calibration, priors, target, pipeline)(logits)
+    log_target = torch.log(torch.tensor(target.probs)).view(1, -1, 1, 1)
+    if space == "raw":
+        expected = logits - torch.log(torch.tensor(priors["source_pixel"].probs)).view(1, -1, 1, 1) + log_target
+    else:
+        expected = (calibration.apply(logits) - torch.log(torch.tensor(priors["source_calibrated"].probs)).view(1, -1, 1, 1)
+                    + log_target)
+    torch.testing.assert_close(adjusted.softmax(1), expected.softmax(1), rtol=0, atol=1e-9)
+    image_target = ClassPrior(NAMES, [0.5, 0.5, 0.5, 0.5, 0.5], "image")
+    image_adjusted = _ia(calibration, priors, image_target, pipeline)(logits)  # image priors: raw in both spaces
+    torch.testing.assert_close(image_adjusted.softmax(1), adjust_logits(logits, priors["source_image"], image_target).softmax(1))

@@ -149,4 +149,6 @@ def test_bad_arguments_are_refused(tmp_path):
         generate_world(tmp_path / "w", size=(8, 8))
     with pytest.raises(ValueError, match="num_source"):
         generate_world(tmp_path / "w", num_source=0)
+    with pytest.raises(TypeError, match=r"unknown world knob\(s\) \['colour_cast'\]"):
+        generate_world(tmp_path / "w", colour_cast=0.5)
     assert not (tmp_path / "w").exists()

@@ -17,8 +17,8 @@ target. Two deliberate departures, both documented in ``docs/world.md``: every r
 *sky* rate is the source's (the published 239/2975 is a slip of the reference rule; Cityscapes has sky in most
 images). ``label_shift`` interpolates the target rates between the source's (0) and the Cityscapes ones (1).
 
-Appearance: see :mod:`labelshift.data.world_scene`. The target domain renders through a colour cast, a blur
-and extra noise, scaled by ``appearance_shift`` (0 = same camera as the source).
+Appearance: see :mod:`labelshift.data.world_scene`. The target domain renders with a larger spread of object
+colours, a colour cast, a blur and extra noise (``target_*`` knobs; all at their no-shift values = same camera).
 
 Every file is a pure function of the arguments (one random generator per image, seeded by
 ``[seed, domain, index]``): the same arguments give the same bytes. The tree is built in a temporary sibling
@@ -31,8 +31,9 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +41,7 @@ from labelshift.classes import IGNORE_INDEX, cityscapes19, reference_statistics
 from labelshift.data.io import write_palette_png, write_png_atomic
 from labelshift.data.world_scene import NUM_CLASSES, SKY, SceneStyle, render_scene
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 TRAIN_CITIES: tuple[str, ...] = ("aachen", "bremen")
 VAL_CITIES: tuple[str, ...] = ("frankfurt", "lindau")
 SPLITS: tuple[str, ...] = ("source_train", "source_val", "target_train", "target_val")
@@ -48,7 +49,6 @@ _DOMAIN_CODES = {"source": 1, "target_train": 2, "target_val": 3}
 # The target camera's colour cast at target_color_cast = 1: bluer, less red, slightly lifted blacks.
 TARGET_COLOR_GAIN_DELTA: tuple[float, float, float] = (-0.04, 0.0, 0.04)
 TARGET_COLOR_OFFSET: tuple[float, float, float] = (4.0, 4.0, 0.0)
-HAZE_GREY = 128.0
 
 
 @dataclass(frozen=True)
@@ -57,19 +57,18 @@ class WorldKnobs:
 
     size: tuple[int, int] = (256, 128)
     seed: int = 0
-    num_source: int = 400
+    num_source: int = 1000
     num_target_train: int = 300
     num_target_val: int = 100
     source_val_fraction: float = 0.15
-    presence_floor: float = 0.06
+    presence_floor: float = 0.04
     label_shift: float = 1.0
-    class_separation: float = 24.0
+    class_separation: float = 28.0
     instance_color_std: float = 10.0
     pixel_noise_std: float = 5.0
-    target_instance_color_std: float = 14.0
-    target_contrast: float = 1.0
-    target_color_cast: float = 1.0
-    target_blur_sigma: float = 0.8
+    target_instance_color_std: float = 12.0
+    target_color_cast: float = 0.25
+    target_blur_sigma: float = 0.5
     target_extra_noise_std: float = 3.0
 
     def validate(self) -> None:
@@ -84,10 +83,23 @@ class WorldKnobs:
         if not 0.0 <= self.presence_floor <= 1.0 or not 0.0 <= self.label_shift <= 1.0:
             raise ValueError("presence_floor and label_shift must be in [0, 1]")
         appearance = ("class_separation", "instance_color_std", "pixel_noise_std", "target_instance_color_std",
-                      "target_contrast", "target_color_cast", "target_blur_sigma", "target_extra_noise_std")
+                      "target_color_cast", "target_blur_sigma", "target_extra_noise_std")
         negative = [name for name in appearance if getattr(self, name) < 0]
         if negative:
             raise ValueError(f"{', '.join(negative)} must be >= 0")
+
+
+def make_knobs(**values: Any) -> WorldKnobs:
+    """Validated :class:`WorldKnobs` from keyword values (numbers coerced to each field's type)."""
+    defaults = WorldKnobs()
+    unknown = sorted(set(values) - set(asdict(defaults)))
+    if unknown:
+        raise TypeError(f"unknown world knob(s) {unknown}; known: {sorted(asdict(defaults))}")
+    coerced = {name: tuple(int(v) for v in value) if name == "size" else type(getattr(defaults, name))(value)
+               for name, value in values.items()}
+    knobs = replace(defaults, **coerced)
+    knobs.validate()
+    return knobs
 
 
 def presence_rates(presence_floor: float = 0.06, label_shift: float = 1.0) -> dict[str, np.ndarray]:
@@ -108,15 +120,15 @@ def presence_rates(presence_floor: float = 0.06, label_shift: float = 1.0) -> di
 
 def domain_styles(knobs: WorldKnobs) -> dict[str, SceneStyle]:
     """The source camera (plain) and the target camera (colour cast, blur, extra noise)."""
-    cast, contrast = knobs.target_color_cast, knobs.target_contrast
+    cast = knobs.target_color_cast
     return {
         "source": SceneStyle(class_separation=knobs.class_separation, instance_color_std=knobs.instance_color_std,
                              pixel_noise_std=knobs.pixel_noise_std),
         "target": SceneStyle(
             class_separation=knobs.class_separation, instance_color_std=knobs.target_instance_color_std,
             pixel_noise_std=float(np.hypot(knobs.pixel_noise_std, knobs.target_extra_noise_std)),
-            color_gain=tuple(contrast * (1.0 + cast * d) for d in TARGET_COLOR_GAIN_DELTA),
-            color_offset=tuple((1.0 - contrast) * HAZE_GREY + cast * o for o in TARGET_COLOR_OFFSET),
+            color_gain=tuple(1.0 + cast * d for d in TARGET_COLOR_GAIN_DELTA),
+            color_offset=tuple(cast * o for o in TARGET_COLOR_OFFSET),
             blur_sigma=knobs.target_blur_sigma),
     }
 
@@ -266,17 +278,10 @@ def read_world_manifest(out_dir: str | os.PathLike) -> dict | None:
         return None
 
 
-def generate_world(out_dir: str | os.PathLike, *, size: tuple[int, int] = (256, 128), seed: int = 0,
-                   num_source: int = 400, num_target_train: int = 300, num_target_val: int = 100,
-                   source_val_fraction: float = 0.15, presence_floor: float = 0.06, label_shift: float = 1.0,
-                   class_separation: float = 24.0, instance_color_std: float = 10.0, pixel_noise_std: float = 5.0,
-                   target_instance_color_std: float = 14.0, target_contrast: float = 1.0,
-                   target_color_cast: float = 1.0,
-                   target_blur_sigma: float = 0.8,
-                   target_extra_noise_std: float = 3.0, overwrite: bool = False) -> dict:
+def generate_world(out_dir: str | os.PathLike, *, overwrite: bool = False, **knobs: Any) -> dict:
     """Write the embedded world under ``out_dir`` and return its manifest (the content of ``world.json``).
 
-    Args:
+    Keyword arguments (the fields of :class:`WorldKnobs`; unset ones take its defaults):
         size: (width, height) of every image.
         seed: the world seed; with the other arguments it fixes every byte written.
         num_source: GTA5-layout images; ``source_val_fraction`` of them (at least one) form the source val split.
@@ -287,7 +292,6 @@ def generate_world(out_dir: str | os.PathLike, *, size: tuple[int, int] = (256, 
         instance_color_std: per-channel spread of an object's colour around its class mean.
         pixel_noise_std: per-pixel noise of the source camera (the target adds more).
         target_instance_color_std: ``instance_color_std`` of the target (objects vary more in colour there).
-        target_contrast: the target camera maps a colour x to ``contrast * x + (1 - contrast) * 128`` (haze).
         target_color_cast: strength of the target camera's colour cast (0 = none, 1 = gains 0.96/1/1.04 + offset).
         target_blur_sigma: Gaussian blur of the target camera, in pixels of a 128-pixel-high image.
         target_extra_noise_std: noise the target camera adds (in quadrature) to ``pixel_noise_std``.
@@ -295,11 +299,7 @@ def generate_world(out_dir: str | os.PathLike, *, size: tuple[int, int] = (256, 
 
     A complete world with the same knobs already at ``out_dir`` is returned as it is (nothing is rewritten).
     """
-    knobs = WorldKnobs(tuple(int(v) for v in size), int(seed), int(num_source), int(num_target_train),
-                       int(num_target_val), float(source_val_fraction), float(presence_floor), float(label_shift),
-                       float(class_separation), float(instance_color_std), float(pixel_noise_std),
-                       float(target_instance_color_std), float(target_contrast), float(target_color_cast), float(target_blur_sigma), float(target_extra_noise_std))
-    knobs.validate()
+    knobs = make_knobs(**knobs)
     out_dir = Path(out_dir)
     existing = read_world_manifest(out_dir)
     if existing is not None and existing.get("version") == GENERATOR_VERSION and existing.get("knobs") == _knobs_json(knobs):

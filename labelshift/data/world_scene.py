@@ -3,18 +3,23 @@
 A scene is drawn far to near with OpenCV primitives, on a label canvas (trainIds of ``cityscapes19``, 255 =
 void) and a float colour canvas at once, so the two always agree:
 
-    sky above a horizon; road below it, sidewalks and terrain on its sides; a skyline of buildings and trees;
-    walls and fences along the horizon; then poles (with traffic lights and signs), vehicles, persons and
-    two-wheelers (with riders), sorted by their ground line so that nearer objects occlude farther ones
-    and are drawn larger (perspective).
+    sky above a horizon; road below it, sidewalks and terrain on its sides; a skyline of buildings (some with
+    windows) and trees; walls and fences along the horizon; then poles, hanging traffic lights and signs,
+    vehicles (with dark windows and wheels), persons, riders and two-wheelers, sorted by their ground line so
+    that nearer objects occlude farther ones and are drawn larger (perspective).
+
+Objects are placed independently of each other: an object's look never depends on which other classes are
+present, because that differs between the domains and would break the label-shift assumption
+p_s(x|y) = p_t(x|y) (riders therefore stand alone and lights and signs hang free of poles).
 
 Appearance: the classes fall into confusable groups (road/sidewalk, building/wall/fence, pole/light/sign,
 vegetation/terrain, person/rider, car/truck/bus/train, motorcycle/bicycle). Each group has a centre colour far
-from the others; inside a group the class mean colours differ in hue only, ``class_separation`` apart
-and every instance draws its colour around its class mean with ``instance_color_std``. Pixel noise, a small
-illumination change per image and a domain style (colour gain, blur, extra noise) come last. Shapes differ
-between classes of a group only partly (sizes and aspect ratios overlap), so the class prior decides many
-instances of a group, as label shift needs.
+from the others; inside a group the class mean colours differ in hue only (so shading and blur with dark parts
+do not turn one class into another), ``class_separation`` apart (three times that for the two-wheelers, which
+are both rare in the source and would otherwise not be learnt apart), and every instance draws its colour
+around its class mean with ``instance_color_std``. Pixel noise, a small illumination change per image and the
+domain's camera (colour cast, blur, extra noise) come last. Shapes differ between the classes of a group only
+partly (sizes and aspect ratios overlap), so the class prior decides many instances, as label shift needs.
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ CONFUSABLE_GROUPS: tuple[tuple[tuple[int, ...], tuple[float, float, float], floa
     ((SKY,), (136.0, 188.0, 240.0), 1.0),
     ((PERSON, RIDER), (216.0, 84.0, 84.0), 1.0),
     ((CAR, TRUCK, BUS, TRAIN), (44.0, 96.0, 168.0), 1.0),
-    ((MOTORCYCLE, BICYCLE), (158.0, 56.0, 188.0), float(__import__("os").environ.get("LS_CYC", "2.0"))),
+    ((MOTORCYCLE, BICYCLE), (158.0, 56.0, 188.0), 3.0),
 )
 # Orthonormal basis of the chroma plane (orthogonal to grey (1, 1, 1)): classes of a group differ in hue only,
 # so brightness changes (shading, blur with dark parts, illumination) move them together, not into each other.
@@ -73,28 +78,17 @@ def class_mean_colours(class_separation: float) -> np.ndarray:
     """(K, 3) float64 RGB mean colour of each class.
 
     The m classes of a group sit on a regular polygon in the chroma plane around the group centre, adjacent
-    classes ``class_separation`` apart (m = 2: a segment, 3: a triangle, 4: a square).
+    classes ``class_separation`` times the group's multiplier apart (m = 2: a segment, 3: a triangle, 4: a square).
     """
     means = np.zeros((NUM_CLASSES, 3))
-    chroma = __import__("os").environ.get("LS_OFF", "chroma") == "chroma"
-    for g, (members, centre, mult) in enumerate(CONFUSABLE_GROUPS):
+    for g, (members, centre, multiplier) in enumerate(CONFUSABLE_GROUPS):
         m = len(members)
-        sep = class_separation * mult
-        if not chroma:
-            vertices = _SIMPLEX[: m]
-            vertices = vertices - vertices.mean(axis=0) if m > 1 else vertices * 0.0
-            for class_id, vertex in zip(members, vertices):
-                means[class_id] = np.asarray(centre) + sep * vertex / np.sqrt(0.5)
-            continue
-        radius = 0.0 if m == 1 else sep / (2.0 * np.sin(np.pi / m))
+        radius = 0.0 if m == 1 else class_separation * multiplier / (2.0 * np.sin(np.pi / m))
         for k, class_id in enumerate(members):
             angle = 2.0 * np.pi * k / m + 0.7 * g
             offset = radius * (np.cos(angle) * _CHROMA_BASIS[0] + np.sin(angle) * _CHROMA_BASIS[1])
             means[class_id] = np.asarray(centre) + offset
     return means
-
-
-_SIMPLEX = np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]], dtype=np.float64) / np.sqrt(8.0)
 
 
 class _Canvas:
@@ -271,7 +265,7 @@ def _cycle(cv: _Canvas, class_id: int, x: float, base: float, f: float) -> None:
     width = cv.width * f * cv.rng.uniform(*_CYCLE_SHAPES[class_id])
     radius = width * 0.25
     colour = cv.colour(class_id)
-    thick = max(2, round(radius * 0.6))
+    thick = max(2, round(radius * 0.8))
     centres = [(x - width / 2 + radius, base - radius), (x + width / 2 - radius, base - radius)]
     for centre in centres:
         cv.ellipse(class_id, centre, (radius, radius), colour * 0.5)
@@ -282,13 +276,19 @@ def _cycle(cv: _Canvas, class_id: int, x: float, base: float, f: float) -> None:
         cv.ellipse(class_id, (x, base - 1.3 * radius), (1.1 * radius, 0.7 * radius), colour)
 
 
-# kind of object -> (classes, (fewest, most) instances when present, lowest ground line as a fraction)
-_OBJECT_KINDS: dict[str, tuple[tuple[int, ...], tuple[int, int], float]] = {
-    "pole": ((POLE,), (1, 3), 0.1),
-    "mounted": ((LIGHT, SIGN), (1, 2), 0.1),
-    "vehicle": ((CAR, TRUCK, BUS, TRAIN), (1, 2), 0.15),
-    "person": ((PERSON, RIDER), (1, 3), 0.05),
-    "cycle": ((MOTORCYCLE, BICYCLE), (1, 2), 0.05),
+# kind of object -> (classes, lowest ground line as a fraction of the ground height)
+_OBJECT_KINDS: dict[str, tuple[tuple[int, ...], float]] = {
+    "pole": ((POLE,), 0.1),
+    "mounted": ((LIGHT, SIGN), 0.1),
+    "vehicle": ((CAR, TRUCK, BUS, TRAIN), 0.15),
+    "person": ((PERSON, RIDER), 0.05),
+    "cycle": ((MOTORCYCLE, BICYCLE), 0.05),
+}
+# (fewest, most) instances of a present class. Riders and two-wheelers come in groups, so that the classes
+# rarest in the source still give a few hundred training instances while staying rare in images.
+_INSTANCES: dict[int, tuple[int, int]] = {
+    POLE: (1, 3), LIGHT: (1, 2), SIGN: (1, 2), CAR: (1, 3), TRUCK: (1, 2), BUS: (1, 2), TRAIN: (1, 1),
+    PERSON: (1, 3), RIDER: (2, 4), MOTORCYCLE: (2, 4), BICYCLE: (2, 4),
 }
 _DRAW = {"pole": lambda cv, c, x, b, f: _pole(cv, x, b, f), "mounted": _mounted_box, "vehicle": _vehicle,
          "person": _person, "cycle": _cycle}
@@ -302,12 +302,12 @@ def _objects(cv: _Canvas, present: np.ndarray, horizon: float) -> None:
     """
     rng, ground = cv.rng, cv.height - horizon
     items: list[tuple[float, int, str, int, float]] = []
-    for kind, (classes, (fewest, most), low) in _OBJECT_KINDS.items():
+    for kind, (classes, low) in _OBJECT_KINDS.items():
         for class_id in classes:
             if not present[class_id]:
                 continue
-            extra = 1 if class_id in (CAR, PERSON) else 0
-            for _ in range(rng.integers(fewest, most + extra + 1)):
+            fewest, most = _INSTANCES[class_id]
+            for _ in range(rng.integers(fewest, most + 1)):
                 base = horizon + ground * rng.uniform(low, 1.0)
                 items.append((base, len(items), kind, class_id, cv.width * rng.uniform(0.0, 1.0)))
     for base, _, kind, class_id, x in sorted(items):

@@ -97,14 +97,15 @@ def estimate(p: Pipeline) -> None:
 
 
 def _ia(calibration: Calibration, priors: dict[str, ClassPrior], target: ClassPrior, p: Pipeline):
-    """IA on raw logits. Pixel priors: in the calibrated space, z/T + b − log π_cal + log π_t, written as
-    z/T − log(π_cal·e^(−b)) + log π_t. Image priors: raw logits against the source image prior (reference)."""
+    """IA of the logits towards ``target`` (``adjust.space``): raw logits against the exact source prior of the
+    same kind, or, for pixel priors in the calibrated space, z/T + b − log π_cal + log π_t written as
+    z/T − log(π_cal·e^(−b)) + log π_t."""
     adjust = p.cfg.adjust
-    if target.kind == "pixel":
+    if target.kind == "pixel" and adjust.space == "calibrated":
         source = calibration.effective_source_prior(priors["source_calibrated"])
         temperature = calibration.temperature
     else:
-        source = priors["source_image"]
+        source = priors["source_pixel" if target.kind == "pixel" else "source_image"]
         temperature = adjust.temperature
     return functools.partial(adjust_logits, source_prior=source, target_prior=target, temperature=temperature,
                              tau_source=adjust.tau_source, tau_target=adjust.tau_target)
