@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,9 +46,13 @@ def _ray(*args: str, check: bool = True, timeout: int = 120) -> subprocess.Compl
 def head(tmp_path_factory):
     dashboard = _free_port()
     log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
+    # a private temp dir: `ray start` records its address in <temp dir>/ray_current_cluster, and a head stopped
+    # by pid leaves that file behind; in /tmp/ray it would point later local runs at a dead cluster
+    temp_dir = tempfile.mkdtemp(prefix="ls-ray-")
     process = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(_free_port()),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "4"],
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "4",
+         "--temp-dir", temp_dir],
         env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 120
@@ -60,6 +66,7 @@ def head(tmp_path_factory):
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
     log.close()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _submit(address: str, job_id: str, overrides: list[str]) -> None:
