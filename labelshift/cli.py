@@ -115,7 +115,8 @@ def cmd_estimate_prior(args: argparse.Namespace) -> int:
     estimates, _ = run_estimators(
         model, eval_loader(cfg, "target", with_labels=False, max_images=cfg.prior.max_images), device=device,
         calibration=calibration, source_pixel_prior=source_pixel,
-        calibrated_prior=calibrated_source_prior(calibration, sample[1], source_pixel), source_sample=sample, methods=(args.method,), em_sample_pixels=cfg.prior.em_sample_pixels,
+        calibrated_prior=calibrated_source_prior(calibration, sample[1], source_pixel), source_sample=sample,
+        methods=(args.method,), em_sample_pixels=cfg.prior.em_sample_pixels,
         presence_threshold=cfg.prior.presence_threshold, bootstrap=cfg.prior.bootstrap, seed=0,
         class_names=class_set.names)
     estimates[args.method].to_json(args.out)

@@ -102,7 +102,7 @@ def make_knobs(**values: Any) -> WorldKnobs:
     return knobs
 
 
-def presence_rates(presence_floor: float = 0.06, label_shift: float = 1.0) -> dict[str, np.ndarray]:
+def presence_rates(presence_floor: float, label_shift: float) -> dict[str, np.ndarray]:
     """Per-class image-presence probabilities of the two domains, (K,) float64 each (``cityscapes19`` order).
 
     ``source``: GTA5 reference-rule image counts / GTA5 images. ``target``: the Cityscapes estimates of the GTA5

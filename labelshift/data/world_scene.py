@@ -213,8 +213,8 @@ def _depth(cv: _Canvas, base: float, horizon: float) -> float:
     return 0.3 + 0.7 * float(np.clip((base - horizon) / (cv.height - horizon), 0.0, 1.0))
 
 
-def _pole(cv: _Canvas, x: float, base: float, f: float) -> None:
-    """A pole standing at (x, base)."""
+def _pole(cv: _Canvas, class_id: int, x: float, base: float, f: float) -> None:
+    """A pole (``class_id`` is POLE) standing at (x, base)."""
     height = min(base - 2, cv.height * (0.2 + 0.45 * f) * cv.rng.uniform(0.8, 1.15))
     half = max(1.0, (1.2 + 2.0 * f) * cv.scale)
     cv.rect(POLE, x - half, base - height, x + half, base, cv.colour(POLE))
@@ -290,8 +290,7 @@ _INSTANCES: dict[int, tuple[int, int]] = {
     POLE: (1, 3), LIGHT: (1, 2), SIGN: (1, 2), CAR: (1, 3), TRUCK: (1, 2), BUS: (1, 2), TRAIN: (1, 1),
     PERSON: (1, 3), RIDER: (2, 4), MOTORCYCLE: (2, 4), BICYCLE: (2, 4),
 }
-_DRAW = {"pole": lambda cv, c, x, b, f: _pole(cv, x, b, f), "mounted": _mounted_box, "vehicle": _vehicle,
-         "person": _person, "cycle": _cycle}
+_DRAW = {"pole": _pole, "mounted": _mounted_box, "vehicle": _vehicle, "person": _person, "cycle": _cycle}
 
 
 def _objects(cv: _Canvas, present: np.ndarray, horizon: float) -> None:

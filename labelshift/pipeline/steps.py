@@ -134,7 +134,7 @@ def evaluate_adapted(p: Pipeline) -> None:
         priors, calibration = p.priors(), p.calibration()
         transforms = {"none": None}
         for name, prior in priors.items():
-            if name.startswith("estimate_") or name in ("target",) or name.startswith("oracle_"):
+            if name == "target" or name.startswith(("estimate_", "oracle_")):
                 transforms[f"ia_{name}"] = _ia(calibration, priors, prior, p)
         oracle_same_kind = f"oracle_{priors['target'].kind}"
         if oracle_same_kind in priors:  # the ceiling for the configured estimate: the oracle of the same kind
