@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from labelshift.models import create_model, model_names, upsample_logits
-from labelshift.models.small import OUTPUT_STRIDE, SmallSegNet
+from labelshift.models.small import SmallSegNet
 
 NUM_CLASSES = 19
 
@@ -35,7 +35,8 @@ def test_output_stride_and_shapes(height, width):
     x = torch.randn(2, 3, height, width)
     features = model.forward_features(x)
     logits = model(x)
-    expected = (-(-height // OUTPUT_STRIDE), -(-width // OUTPUT_STRIDE))
+    expected = (-(-height // 4), -(-width // 4))
+    assert model.output_stride == 4
     assert features.shape == (2, model.feature_channels, *expected)
     assert logits.shape == (2, NUM_CLASSES, *expected)
     assert upsample_logits(logits, (height, width)).shape == (2, NUM_CLASSES, height, width)

@@ -8,8 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from labelshift.classes import ClassSet, cityscapes19
-from labelshift.data.io import (SegmentationFileDataset, Transform, index_images, pair_labels,
-                                require_directory, resolve_list_path, select_images)
+from labelshift.data.io import SegmentationFileDataset, Transform, flat_layout_pairs, require_directory
 
 GTA5_LAYOUT = "GTA5 layout: <root>/images/*.png and <root>/labels/*.png"
 
@@ -28,17 +27,11 @@ class GTA5Dataset(SegmentationFileDataset):
         root = Path(root)
         require_directory(root, "GTA5 root", GTA5_LAYOUT)
         image_dir = require_directory(root / "images", "GTA5 image directory", GTA5_LAYOUT)
-        label_dir = root / "labels"
-        if with_labels:
-            require_directory(label_dir, "GTA5 label directory", GTA5_LAYOUT)
-        images = index_images(image_dir, "*.png", ".png", "GTA5")
-        list_path = resolve_list_path(list_file, root) if list_file is not None else None
-        selected = select_images(images, list_path, lambda stem: image_dir / f"{stem}.png")
-        label_path_of = (lambda stem, image_path: label_dir / image_path.name) if with_labels else None
+        files, names = flat_layout_pairs("GTA5", root, image_dir, root / "labels", GTA5_LAYOUT, list_file,
+                                         with_labels)
         class_set = class_set or cityscapes19()
         super().__init__(
-            files=pair_labels("GTA5", selected, label_path_of), names=[stem for stem, _ in selected],
-            class_set=class_set, transform=transform, label_kind="palette",
+            files=files, names=names, class_set=class_set, transform=transform, label_kind="palette",
             label_lut=class_set.cityscapes_id_lut(), seed=seed,
         )
         self.root = root

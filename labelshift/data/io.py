@@ -238,6 +238,20 @@ def pair_labels(dataset_name: str, images: list[tuple[str, Path]],
     return pairs
 
 
+def flat_layout_pairs(dataset_name: str, list_root: Path, image_dir: Path, label_dir: Path, layout: str,
+                      list_file: str | Path | None, with_labels: bool
+                      ) -> tuple[list[tuple[Path, Path | None]], list[str]]:
+    """(image, label) pairs and stems of a flat layout, ``<image_dir>/<stem>.png`` with ``<label_dir>/<stem>.png``
+    (GTA5, SYNTHIA). ``list_file`` (relative: against ``list_root``) selects images; default: all, sorted."""
+    if with_labels:
+        require_directory(label_dir, f"{dataset_name} label directory", layout)
+    images = index_images(image_dir, "*.png", ".png", dataset_name)
+    list_path = resolve_list_path(list_file, list_root) if list_file is not None else None
+    selected = select_images(images, list_path, lambda stem: image_dir / f"{stem}.png")
+    label_path_of = (lambda stem, image_path: label_dir / image_path.name) if with_labels else None
+    return pair_labels(dataset_name, selected, label_path_of), [stem for stem, _ in selected]
+
+
 Transform = Callable[[np.ndarray, np.ndarray | None, np.random.Generator],
                      tuple[torch.Tensor, torch.Tensor | None]]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from labelshift.classes import IGNORE_INDEX, ClassSet, synthia16, synthia_label_lut
-from labelshift.data.io import (DatasetError, SegmentationFileDataset, Transform, index_images, pair_labels,
-                                require_directory, resolve_list_path, select_images)
+from labelshift.data.io import (DatasetError, SegmentationFileDataset, Transform, flat_layout_pairs,
+                                require_directory)
 
 SYNTHIA_LAYOUT = ("SYNTHIA layout: <root>/RGB/*.png and <root>/GT/LABELS/*.png "
                   "(or <root>/RAND_CITYSCAPES/RGB/*.png and <root>/RAND_CITYSCAPES/GT/LABELS/*.png)")
@@ -50,17 +50,11 @@ class SynthiaDataset(SegmentationFileDataset):
                  with_labels: bool = True, class_set: ClassSet | None = None, seed: int = 0) -> None:
         root = resolve_synthia_root(Path(root))
         image_dir = require_directory(root / "RGB", "SYNTHIA image directory", SYNTHIA_LAYOUT)
-        label_dir = root / "GT" / "LABELS"
-        if with_labels:
-            require_directory(label_dir, "SYNTHIA label directory", SYNTHIA_LAYOUT)
-        images = index_images(image_dir, "*.png", ".png", "SYNTHIA")
-        list_path = resolve_list_path(list_file, root) if list_file is not None else None
-        selected = select_images(images, list_path, lambda stem: image_dir / f"{stem}.png")
-        label_path_of = (lambda stem, image_path: label_dir / image_path.name) if with_labels else None
+        files, names = flat_layout_pairs("SYNTHIA", root, image_dir, root / "GT" / "LABELS", SYNTHIA_LAYOUT,
+                                         list_file, with_labels)
         class_set = class_set or synthia16()
         super().__init__(
-            files=pair_labels("SYNTHIA", selected, label_path_of), names=[stem for stem, _ in selected],
-            class_set=class_set, transform=transform, label_kind="synthia16bit",
+            files=files, names=names, class_set=class_set, transform=transform, label_kind="synthia16bit",
             label_lut=synthia_lut_for(class_set), seed=seed,
         )
         self.root = root

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from functools import partial
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torchvision
@@ -21,6 +21,7 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from labelshift.models import register_model
+from labelshift.models.base import BackboneHeadSegmenter
 from labelshift.models.checkpoint import CheckpointError, load_state_dict_checked, read_state_dict
 
 ASPP_DILATIONS: tuple[int, ...] = (6, 12, 18, 24)
@@ -57,7 +58,7 @@ class ASPPV2(nn.Module):
         return out
 
 
-class DeepLabV2(nn.Module):
+class DeepLabV2(BackboneHeadSegmenter):
     """DeepLabV2-ResNet: ``forward(x: (N, 3, H, W)) -> logits (N, K, ceil(H/8), ceil(W/8))``, not upsampled.
 
     Args:
@@ -97,26 +98,6 @@ class DeepLabV2(nn.Module):
         self.head = ASPPV2(self.feature_channels, num_classes)
         if pretrained is not None:
             self.load_pretrained_backbone(pretrained)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (N, 3, H, W) -> features (N, 2048, ceil(H/8), ceil(W/8))."""
-        return self.backbone(x)
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        """Features (N, 2048, h, w) -> logits (N, K, h, w)."""
-        return self.head(features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (N, 3, H, W) -> raw logits (N, K, ceil(H/8), ceil(W/8)) at output stride 8."""
-        return self.forward_head(self.forward_features(x))
-
-    def backbone_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of the ResNet feature extractor (base learning rate in the reference recipe)."""
-        return self.backbone.parameters()
-
-    def head_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of the ASPP classifier (10x the base learning rate in the reference recipe)."""
-        return self.head.parameters()
 
     def load_pretrained_backbone(self, pretrained: Pretrained) -> None:
         """Load ImageNet (``"imagenet"``) or local torchvision-format ResNet weights into the backbone."""

@@ -13,16 +13,14 @@ Classifier Refinement, which retrains only the head on frozen features, can move
 """
 from __future__ import annotations
 
-from typing import Iterator
-
 import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from labelshift.models import register_model
+from labelshift.models.base import BackboneHeadSegmenter
 
 CONTEXT_DILATIONS: tuple[int, ...] = (2, 4, 8)
-OUTPUT_STRIDE = 4
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, norm: type[nn.Module], stride: int = 1,
@@ -57,7 +55,7 @@ class SmallHead(nn.Module):
         return self.classifier(torch.relu(self.hidden(features)))
 
 
-class SmallSegNet(nn.Module):
+class SmallSegNet(BackboneHeadSegmenter):
     """Stride-4 CNN of ~0.2 M parameters at ``width=32``; see the module docstring for the layout.
 
     Args:
@@ -65,6 +63,8 @@ class SmallSegNet(nn.Module):
         width: channels of the first stage (the later stages use ``2 * width``).
         frozen_bn: use ``FrozenBatchNorm2d`` (fixed statistics and affine terms) instead of ``BatchNorm2d``.
     """
+
+    output_stride: int = 4
 
     def __init__(self, num_classes: int, width: int = 32, frozen_bn: bool = False) -> None:
         super().__init__()
@@ -82,26 +82,6 @@ class SmallSegNet(nn.Module):
             *(_DilatedResidual(2 * width, d, norm) for d in CONTEXT_DILATIONS),
         )
         self.head = SmallHead(self.feature_channels, num_classes)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (N, 3, H, W) -> features (N, 2 * width, ceil(H/4), ceil(W/4))."""
-        return self.backbone(x)
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        """Features (N, 2 * width, h, w) -> logits (N, K, h, w)."""
-        return self.head(features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (N, 3, H, W) -> raw logits (N, K, ceil(H/4), ceil(W/4)) at output stride 4."""
-        return self.forward_head(self.forward_features(x))
-
-    def backbone_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of the feature extractor."""
-        return self.backbone.parameters()
-
-    def head_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of the classifier head (the only ones Classifier Refinement trains)."""
-        return self.head.parameters()
 
 
 @register_model("small")
