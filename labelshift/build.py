@@ -16,16 +16,44 @@ def class_set_of(cfg: ExperimentConfig) -> ClassSet:
     return get_class_set(cfg.data.class_set)
 
 
-def build_model(cfg: ExperimentConfig, checkpoint: str | Path | None = None, *, fresh: bool = False) -> nn.Module:
-    """The configured model; loads ``checkpoint`` (or ``cfg.model.checkpoint`` unless ``fresh``) strictly."""
-    kwargs = {"frozen_bn": cfg.model.frozen_bn, "pretrained": cfg.model.pretrained}
+def _create(cfg: ExperimentConfig, *, pretrained: str | None, frozen_bn: bool) -> nn.Module:
+    kwargs = {"frozen_bn": frozen_bn, "pretrained": pretrained}
     if cfg.model.name == "small":
         kwargs["width"] = cfg.model.width
-    model = create_model(cfg.model.name, class_set_of(cfg).num_classes, **kwargs)
+    return create_model(cfg.model.name, class_set_of(cfg).num_classes, **kwargs)
+
+
+def build_model(cfg: ExperimentConfig, checkpoint: str | Path | None = None, *, fresh: bool = False) -> nn.Module:
+    """The configured model; loads ``checkpoint`` (or ``cfg.model.checkpoint`` unless ``fresh``) strictly."""
     path = checkpoint if checkpoint is not None else (None if fresh else cfg.model.checkpoint)
+    # ImageNet/backbone weights only initialise a model that no checkpoint will overwrite
+    model = _create(cfg, pretrained=None if path is not None else cfg.model.pretrained, frozen_bn=cfg.model.frozen_bn)
     if path is not None:
         load_checkpoint(model, path)
     return model
+
+
+def build_student(cfg: ExperimentConfig, adapted_checkpoint: str | Path | None) -> nn.Module:
+    """The self-distillation student: the adapted model (``train.distill.init: adapted``) or a fresh model with
+    ``student_pretrained`` weights and ``student_frozen_bn`` (``init: fresh``, the reference recipe)."""
+    distill = cfg.train.distill
+    if distill.init == "adapted":
+        return build_model(cfg, adapted_checkpoint)
+    return _create(cfg, pretrained=distill.student_pretrained, frozen_bn=distill.student_frozen_bn)
+
+
+def eval_subsets(cfg: ExperimentConfig) -> dict[str, list[int]]:
+    """Class subsets reported beside the full mIoU: ``eval.subset`` as ``miou_subset``, and for synthia16 the
+    13 classes of the published mIoU* as ``miou_13``."""
+    from labelshift.classes import miou13_names
+
+    class_set = class_set_of(cfg)
+    subsets = {}
+    if cfg.data.class_set == "synthia16":
+        subsets["13"] = class_set.subset_indices(miou13_names())
+    if cfg.eval.subset is not None:
+        subsets["subset"] = class_set.subset_indices(list(cfg.eval.subset))
+    return subsets
 
 
 def build_split(cfg: ExperimentConfig, which: str, *, train: bool, with_labels: bool = True,

@@ -1,4 +1,8 @@
-"""The ``labelshift`` command: world, train, evaluate, source-stats, estimate-prior."""
+"""The ``labelshift`` command: world, train, evaluate, source-stats, estimate-prior, make-splits.
+
+Expected failures (bad configuration, dataset layout, checkpoint, prior, arguments) print one line
+``labelshift <command>: error: ...`` to stderr and exit with status 2, without a traceback.
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +12,15 @@ import sys
 from pathlib import Path
 
 import torch
+
+from labelshift.config import ConfigError
+from labelshift.data.io import DatasetError
+from labelshift.models.checkpoint import CheckpointError
+from labelshift.priors import PriorError
+
+
+class UsageError(ValueError):
+    """A command was called with arguments that do not fit together."""
 
 
 def _common(parser: argparse.ArgumentParser, checkpoint: bool = True) -> None:
@@ -39,38 +52,42 @@ def format_iou_table(class_names, summary: dict) -> str:
         value = summary["per_class_iou"][name]
         lines.append(f"{name:<16}{'-' if value is None else f'{value:.2f}':>8}")
     lines.append(f"{'mIoU':<16}{summary['miou']:>8.2f}")
+    for key, label in (("miou_13", "mIoU* (13)"), ("miou_subset", "mIoU (subset)"), ("pixel_accuracy", "pixel acc.")):
+        if key in summary:
+            lines.append(f"{label:<16}{summary[key]:>8.2f}")
     return "\n".join(lines)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from labelshift.adjust import adjust_logits
-    from labelshift.build import build_model, class_set_of, eval_loader
-    from labelshift.classes import miou13_names
+    from labelshift.build import build_model, class_set_of, eval_loader, eval_subsets
     from labelshift.config import load_config
     from labelshift.inference import evaluate
-    from labelshift.priors import load_prior
+    from labelshift.priors import load_prior, write_json_atomic
 
     cfg = load_config(args.config, args.overrides)
     class_set = class_set_of(cfg)
     device = torch.device(args.device)
-    model = build_model(cfg, args.checkpoint).to(device).eval()
     transform = None
+    priors = {}
     if args.adjust == "ia":
         if not (args.source_prior and args.target_prior):
-            raise SystemExit("--adjust ia needs --source-prior and --target-prior (preset names or JSON files)")
-        transform = functools.partial(adjust_logits, source_prior=load_prior(args.source_prior, class_set),
-                                      target_prior=load_prior(args.target_prior, class_set),
-                                      temperature=args.temperature, tau_source=args.tau_source,
-                                      tau_target=args.tau_target)
+            raise UsageError("--adjust ia needs --source-prior and --target-prior (preset names or JSON files)")
+        priors = {"source_prior": load_prior(args.source_prior, class_set),
+                  "target_prior": load_prior(args.target_prior, class_set)}
+        transform = functools.partial(adjust_logits, **priors, temperature=args.temperature,
+                                      tau_source=args.tau_source, tau_target=args.tau_target)
+    model = build_model(cfg, args.checkpoint).to(device).eval()
     matrix = evaluate(model, eval_loader(cfg, args.split), class_set.num_classes, device=device,
                       logit_transforms={args.adjust: transform}, flip=cfg.eval.flip, scales=cfg.eval.scales)[args.adjust]
-    subsets = {"13": class_set.subset_indices(miou13_names())} if cfg.data.class_set == "synthia16" else {}
-    summary = {"checkpoint": args.checkpoint, "split": args.split, "adjust": args.adjust,
-               **matrix.to_dict(class_set.names, subsets)}
+    summary = {"checkpoint": str(Path(args.checkpoint).resolve()), "split": args.split, "adjust": args.adjust,
+               **({"temperature": args.temperature, "tau_source": args.tau_source, "tau_target": args.tau_target,
+                   **{role: prior.to_dict() for role, prior in priors.items()}} if priors else {}),
+               **matrix.to_dict(class_set.names, eval_subsets(cfg))}
     print(format_iou_table(class_set.names, summary))
-    if args.out:
-        Path(args.out).write_text(json.dumps(summary, indent=2))
-        print(f"metrics written to {args.out}")
+    out = Path(args.out) if args.out else Path(cfg.output_dir) / "eval" / f"{args.split}_{args.adjust}.json"
+    write_json_atomic(out, summary)
+    print(f"metrics written to {out}")
     return 0
 
 
@@ -78,13 +95,12 @@ def cmd_source_stats(args: argparse.Namespace) -> int:
     from labelshift.classes import get_class_set
     from labelshift.config import DatasetConfig
     from labelshift.data import build_dataset, build_transforms
-    from labelshift.pipeline.priors_stage import label_statistics
+    from labelshift.pipeline.priors_stage import label_statistics_of
 
     class_set = get_class_set(args.class_set or ("synthia16" if args.dataset == "synthia" else "cityscapes19"))
     ds_cfg = DatasetConfig(kind=args.dataset, root=args.root, split=args.split, list_file=args.list_file)
     dataset = build_dataset(ds_cfg, class_set, build_transforms(train=False, size=None, keep_label_size=True))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=args.workers)
-    stats = label_statistics(loader, class_set.names)
+    stats = label_statistics_of(dataset, class_set.names, num_workers=args.workers)
     meta = {"dataset": args.dataset, "root": str(Path(args.root).resolve()), "split": args.split or args.list_file}
     out = Path(args.out)
     image_out = out.with_name(out.stem + "_image" + out.suffix)
@@ -96,32 +112,52 @@ def cmd_source_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_estimate_prior(args: argparse.Namespace) -> int:
-    from labelshift.build import build_model, class_set_of, eval_loader
+    from labelshift.build import build_model
     from labelshift.config import load_config
-    from labelshift.pipeline.priors_stage import (calibrated_source_prior, fit_source_calibration, label_statistics,
-                                                  run_estimators)
-    from labelshift.priors import load_prior
+    from labelshift.pipeline.priors_stage import IMAGE_METHODS, estimate_target_priors
+    from labelshift.priors import write_json_atomic
 
     cfg = load_config(args.config, [f"prior.method={args.method}", *args.overrides])
-    class_set = class_set_of(cfg)
     device = torch.device(args.device)
     model = build_model(cfg, args.checkpoint).to(device).eval()
-    if cfg.prior.source_prior:
-        source_pixel = load_prior(cfg.prior.source_prior, class_set)
-    else:
-        source_pixel = label_statistics(eval_loader(cfg, "source"), class_set.names).pixel_prior()
-    calibration, sample = fit_source_calibration(model, eval_loader(cfg, "source_val"), cfg.prior.calibration,
-                                                 device=device)
-    estimates, _ = run_estimators(
-        model, eval_loader(cfg, "target", with_labels=False, max_images=cfg.prior.max_images), device=device,
-        calibration=calibration, source_pixel_prior=source_pixel,
-        calibrated_prior=calibrated_source_prior(calibration, sample[1], source_pixel), source_sample=sample,
-        methods=(args.method,), em_sample_pixels=cfg.prior.em_sample_pixels,
-        presence_threshold=cfg.prior.presence_threshold, bootstrap=cfg.prior.bootstrap, seed=0,
-        class_names=class_set.names)
-    estimates[args.method].to_json(args.out)
-    print(estimates[args.method])
-    print(f"prior written to {args.out}")
+    found = estimate_target_priors(cfg, model, args.checkpoint, device=device, methods=(args.method,),
+                                   with_oracle=False, seed=args.seed)
+    estimate = found.estimates[args.method]
+    out = Path(args.out)
+    source_out = out.with_name(f"{out.stem}_source{out.suffix}")
+    calibration_out = out.with_name(f"{out.stem}_calibration{out.suffix}")
+    estimate.to_json(out)
+    (found.source_image if args.method in IMAGE_METHODS else found.source_pixel).to_json(source_out)
+    write_json_atomic(calibration_out, found.calibration.to_dict())
+    print(estimate)
+    print(f"prior written to {out}; the source prior of the same kind to {source_out}; "
+          f"the calibration to {calibration_out}")
+    print(f"IA with it: labelshift evaluate --config {args.config} --checkpoint {args.checkpoint} --adjust ia "
+          f"--source-prior {source_out} --target-prior {out}")
+    return 0
+
+
+def cmd_make_splits(args: argparse.Namespace) -> int:
+    """A seeded train/val split of a GTA5 or SYNTHIA directory: ``<root>/splits/{train,val}.txt``."""
+    import numpy as np
+
+    from labelshift.classes import get_class_set
+    from labelshift.config import DatasetConfig
+    from labelshift.data import build_dataset, build_transforms
+
+    class_set = get_class_set("synthia16" if args.dataset == "synthia" else "cityscapes19")
+    dataset = build_dataset(DatasetConfig(kind=args.dataset, root=args.root), class_set,
+                            build_transforms(train=False, size=None, keep_label_size=True))
+    if not 0 < args.val_size < len(dataset):
+        raise UsageError(f"--val-size must be between 1 and {len(dataset) - 1} ({len(dataset)} labelled images)")
+    order = np.random.default_rng(args.seed).permutation(len(dataset))
+    val = sorted(dataset.names[i] for i in order[: args.val_size])
+    train = sorted(dataset.names[i] for i in order[args.val_size:])
+    splits = Path(dataset.root) / "splits"
+    splits.mkdir(parents=True, exist_ok=True)
+    for name, stems in (("train", train), ("val", val)):
+        (splits / f"{name}.txt").write_text("".join(f"{stem}\n" for stem in stems))
+    print(f"{len(train)} train and {len(val)} val images listed in {splits}/train.txt and {splits}/val.txt")
     return 0
 
 
@@ -146,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--temperature", type=float, default=1.0)
     ev.add_argument("--tau-source", type=float, default=1.0)
     ev.add_argument("--tau-target", type=float, default=1.0)
-    ev.add_argument("--out", default=None, help="write the metrics JSON here")
+    ev.add_argument("--out", default=None, help="metrics JSON (default: <output_dir>/eval/<split>_<adjust>.json)")
     ev.set_defaults(func=cmd_evaluate)
 
     stats = sub.add_parser("source-stats", help="exact pixel and image priors of a labelled split")
@@ -162,8 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     est = sub.add_parser("estimate-prior", help="estimate the target prior with a model (one process)")
     _common(est)
     est.add_argument("--method", default="em", choices=("reference", "count", "soft_count", "presence", "em", "bbse"))
-    est.add_argument("--out", required=True)
+    est.add_argument("--seed", type=int, default=0, help="seed of the pixel samples and the bootstrap")
+    est.add_argument("--out", required=True, help="prior JSON (the source prior and calibration go beside it)")
     est.set_defaults(func=cmd_estimate_prior)
+
+    splits = sub.add_parser("make-splits", help="seeded train/val lists of a GTA5 or SYNTHIA directory")
+    splits.add_argument("--dataset", required=True, choices=("gta5", "synthia"))
+    splits.add_argument("--root", required=True)
+    splits.add_argument("--val-size", type=int, default=500, help="images held out for calibration and BBSE")
+    splits.add_argument("--seed", type=int, default=0)
+    splits.set_defaults(func=cmd_make_splits)
     return parser
 
 
@@ -174,7 +218,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return cli_main(argv[1:])
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (UsageError, ConfigError, DatasetError, CheckpointError, PriorError) as err:
+        print(f"labelshift {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

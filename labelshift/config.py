@@ -5,11 +5,20 @@ Only builders read configs; library constructors take explicit arguments.
 """
 from __future__ import annotations
 
+import difflib
+import types
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PositiveInt = Annotated[int, Field(ge=1)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+PipelineStage = Literal["pretrain", "estimate", "evaluate_adapted", "refine", "evaluate_refined", "pseudo",
+                        "distill", "evaluate_distilled"]
+PIPELINE_STAGES: tuple[str, ...] = get_args(PipelineStage)
 
 
 class _Strict(BaseModel):
@@ -38,6 +47,13 @@ class WorldConfig(_Strict):
     target_blur_sigma: float | None = None
     target_extra_noise_std: float | None = None
 
+    @model_validator(mode="after")
+    def _check_knobs(self) -> "WorldConfig":
+        from labelshift.data.world import make_knobs
+
+        make_knobs(**self.model_dump(exclude_none=True))  # the generator's own ranges, reported under data.world
+        return self
+
 
 class DatasetConfig(_Strict):
     """One dataset on disk in its real layout."""
@@ -51,11 +67,17 @@ class DatasetConfig(_Strict):
 class TransformConfig(_Strict):
     """Images are resized to ``size``; training adds random scale, crop, flip and colour jitter."""
 
-    size: tuple[int, int]  # (width, height) the model sees
-    crop_size: tuple[int, int] | None = None  # (width, height) random crop for training
-    scale_range: tuple[float, float] = (1.0, 1.0)
+    size: tuple[PositiveInt, PositiveInt]  # (width, height) the model sees
+    crop_size: tuple[PositiveInt, PositiveInt] | None = None  # (width, height) random crop for training
+    scale_range: tuple[PositiveFloat, PositiveFloat] = (1.0, 1.0)
     flip: bool = True
-    color_jitter: float = 0.0
+    color_jitter: float = Field(0.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _ordered_scales(self) -> "TransformConfig":
+        if self.scale_range[0] > self.scale_range[1]:
+            raise ValueError(f"scale_range must be (low, high) with low <= high, got {self.scale_range}")
+        return self
 
 
 class DataConfig(_Strict):
@@ -67,7 +89,7 @@ class DataConfig(_Strict):
     class_set: Literal["cityscapes19", "synthia16"] = "cityscapes19"
     source_transform: TransformConfig | None = None  # default: resize to 1280x720 (GTA5 in the reference)
     target_transform: TransformConfig | None = None  # default: resize to 1024x512 (Cityscapes in the reference)
-    num_workers: int = 0
+    num_workers: int = Field(0, ge=0)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -81,30 +103,45 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    name: str = "small"
+    name: str = "small"  # a name of labelshift.models.model_names()
     frozen_bn: bool = False
     pretrained: str | None = None  # None | "imagenet" (torchvision weights) | path to a backbone file
     checkpoint: str | None = None  # adapted model to start from (reference/FADA format or ours)
-    width: int = 32  # small model only
+    width: PositiveInt = 32  # small model only
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from labelshift.models import model_names
+
+        if name not in model_names():
+            raise ValueError(f"unknown model {name!r}; expected one of {model_names()}")
+        return name
 
 
 class OptimConfig(_Strict):
     optimizer: Literal["sgd", "adam"] = "sgd"  # the reference recipe is SGD; adam trains the small CPU model faster
-    iterations: int = 1000
-    batch_size: int = 8  # global batch, split across workers
-    lr: float = 2.5e-4  # backbone LR; the head trains at ``head_lr_mult`` times it (reference: 10)
-    head_lr_mult: float = 10.0
-    momentum: float = 0.9  # SGD only
-    weight_decay: float = 5e-4
-    poly_power: float = 0.9
-    checkpoint_every: int = 200
-    log_every: int = 50
+    iterations: PositiveInt = 1000
+    batch_size: PositiveInt = 8  # global batch, split across workers
+    lr: PositiveFloat = 2.5e-4  # backbone LR; the head trains at ``head_lr_mult`` times it (reference: 10)
+    head_lr_mult: PositiveFloat = 10.0
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # SGD only
+    weight_decay: float = Field(5e-4, ge=0.0)
+    poly_power: float = Field(0.9, ge=0.0)
+    checkpoint_every: PositiveInt = 200
+    log_every: PositiveInt = 50
     seed: int = 0
     amp_bf16: bool = True  # bf16 autocast + channels_last when training on CUDA
 
 
 class DistillConfig(OptimConfig):
+    """Self-distillation. ``init: fresh`` builds the student as ``model.name`` with ``student_pretrained`` weights
+    (the reference: ImageNet) and trainable BatchNorm unless ``student_frozen_bn``; ``init: adapted`` starts from
+    the adapted model. ``sync_bn`` converts the student's BatchNorm to SyncBatchNorm on multi-GPU runs."""
+
     init: Literal["fresh", "adapted"] = "fresh"
+    student_pretrained: str | None = None  # fresh student: None | "imagenet" | path to a backbone file
+    student_frozen_bn: bool = False
     confidence_threshold: float = Field(0.0, ge=0.0, lt=1.0)
     sync_bn: bool = False
 
@@ -136,19 +173,19 @@ class PriorConfig(_Strict):
     calibration: Literal["none", "temperature", "bcts"] = "bcts"
     source_prior: str | None = None  # preset name or JSON path; None: exact statistics of the source split
     target_prior: str | None = None  # preset name or JSON path; None: estimate
-    em_sample_pixels: int = 200_000
-    presence_threshold: float = 0.001
-    bootstrap: int = 100
+    em_sample_pixels: PositiveInt = 200_000
+    presence_threshold: float = Field(0.001, ge=0.0, lt=1.0)
+    bootstrap: int = Field(100, ge=0)
     oracle: bool = True  # measure estimates against target-train labels when they exist (never used to train)
-    max_images: int | None = None
+    max_images: PositiveInt | None = None
 
 
 class RayConfig(_Strict):
     address: str | None = None  # None: local ray.init() (or RAY_ADDRESS inside a job)
-    num_workers: int = 1
+    num_workers: PositiveInt = 1
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    max_failures: int = 1
+    cpus_per_worker: PositiveFloat = 1.0
+    max_failures: int = Field(1, ge=-1)  # -1: retry forever (Ray's FailureConfig)
     storage_path: str | None = None  # default: <output_dir>/ray
 
 
@@ -159,10 +196,10 @@ class TrackingConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    batch_size: int = 4
+    batch_size: PositiveInt = 4
     flip: bool = False
-    scales: tuple[float, ...] = (1.0,)
-    subset: tuple[str, ...] | None = None  # e.g. the 13 classes of mIoU* for SYNTHIA
+    scales: tuple[PositiveFloat, ...] = Field((1.0,), min_length=1)
+    subset: tuple[str, ...] | None = None  # mIoU over these classes too; None: the 13 of mIoU* for synthia16
 
 
 class ExperimentConfig(_Strict):
@@ -176,13 +213,23 @@ class ExperimentConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()
-    stages: tuple[str, ...] = ("pretrain", "estimate", "evaluate_adapted", "refine", "evaluate_refined",
-                               "pseudo", "distill", "evaluate_distilled")
+    stages: tuple[PipelineStage, ...] = PIPELINE_STAGES
 
     @model_validator(mode="after")
     def _expand_output_dir(self) -> "ExperimentConfig":
         if "${name}" in self.output_dir:
             self.output_dir = self.output_dir.replace("${name}", self.name)
+        return self
+
+    @model_validator(mode="after")
+    def _subset_in_class_set(self) -> "ExperimentConfig":
+        from labelshift.classes import get_class_set
+
+        if self.eval.subset is not None:
+            names = get_class_set(self.data.class_set).names
+            unknown = [name for name in self.eval.subset if name not in names]
+            if unknown:
+                raise ValueError(f"eval.subset names {unknown}, not classes of {self.data.class_set} {list(names)}")
         return self
 
 
@@ -213,22 +260,70 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...], source: s
     return raw
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    """The config model at ``loc`` (a pydantic error location) below :class:`ExperimentConfig`, if any."""
+    model: type[BaseModel] = ExperimentConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        candidates = [field.annotation]
+        if isinstance(field.annotation, types.UnionType) or typing.get_origin(field.annotation) is typing.Union:
+            candidates = list(get_args(field.annotation))
+        sections = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not sections:
+            return None
+        model = sections[0]
+    return model
+
+
+def _unknown_key_message(loc: tuple) -> str:
+    section = _section_model(loc[:-1])
+    if section is None:
+        return "unknown key"
+    fields = sorted(section.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), fields, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown key; expected one of {fields}{hint}"
+
+
+def _format_errors(err: ValidationError, source: str, overrides: dict[str, str]) -> str:
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        key = ".".join(str(p) for p in e["loc"])
+        message = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (not a field of this section)")
-        else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+            message = _unknown_key_message(e["loc"])
+        elif not isinstance(e.get("input"), dict):  # a section's whole input says nothing
+            message += f" (got {e.get('input')!r})"
+        line = f"  {key}: {message}" if key else f"  {message}"
+        origin = next((item for dotted, item in overrides.items() if key == dotted or key.startswith(dotted + ".")),
+                      None)
+        lines.append(line + (f" [from the override {origin!r}]" if origin else ""))
     return "\n".join(lines)
 
 
-def config_from_dict(raw: dict, source: str = "<dict>") -> ExperimentConfig:
+def config_from_dict(raw: dict, source: str = "<dict>", overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Validate a nested dict; ``overrides`` (already applied) are named in errors about the keys they set."""
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        by_key = {item.split("=", 1)[0].strip(): item for item in overrides}
+        raise ConfigError(_format_errors(err, source, by_key)) from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that rejects a key repeated in one mapping (``safe_load`` silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
@@ -237,13 +332,13 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path}: expected a mapping at the top level, got {type(raw).__name__}")
     apply_overrides(raw, overrides, str(path))
-    return absolute_paths(config_from_dict(raw, str(path)))
+    return absolute_paths(config_from_dict(raw, str(path), overrides))
 
 
 def absolute_paths(cfg: ExperimentConfig, base: Path | None = None) -> ExperimentConfig:
@@ -260,6 +355,8 @@ def absolute_paths(cfg: ExperimentConfig, base: Path | None = None) -> Experimen
     cfg.model.checkpoint = absolute(cfg.model.checkpoint)
     if cfg.model.pretrained not in (None, "imagenet"):
         cfg.model.pretrained = absolute(cfg.model.pretrained)
+    if cfg.train.distill.student_pretrained not in (None, "imagenet"):
+        cfg.train.distill.student_pretrained = absolute(cfg.train.distill.student_pretrained)
     cfg.ray.storage_path = absolute(cfg.ray.storage_path)
     return cfg
 

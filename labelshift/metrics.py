@@ -20,14 +20,26 @@ class ConfusionMatrix:
         self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
 
     def update(self, labels: torch.Tensor | np.ndarray, predictions: torch.Tensor | np.ndarray) -> None:
-        """labels, predictions: integer arrays of the same shape (e.g. (N, H, W)); ignore pixels skipped."""
+        """labels, predictions: integer arrays of the same shape (e.g. (N, H, W)); ignore pixels skipped.
+
+        A label that is neither a class nor the ignore index, or a prediction that is not a class, raises: it
+        means a label mapping is wrong, which silent clipping would hide.
+        """
         labels = torch.as_tensor(labels).reshape(-1).to("cpu", torch.int64)
         predictions = torch.as_tensor(predictions).reshape(-1).to("cpu", torch.int64)
         if labels.shape != predictions.shape:
             raise ValueError(f"labels {tuple(labels.shape)} and predictions {tuple(predictions.shape)} differ")
-        valid = (labels != self.ignore_index) & (labels >= 0) & (labels < self.num_classes)
         k = self.num_classes
-        flat = labels[valid] * k + predictions[valid].clamp_(0, k - 1)
+        valid = labels != self.ignore_index
+        bad_labels = valid & ((labels < 0) | (labels >= k))
+        if bad_labels.any():
+            raise ValueError(f"labels {torch.unique(labels[bad_labels])[:10].tolist()} are neither classes "
+                             f"0..{k - 1} nor the ignore index {self.ignore_index}")
+        bad_predictions = (predictions < 0) | (predictions >= k)
+        if bad_predictions.any():
+            raise ValueError(f"predictions {torch.unique(predictions[bad_predictions])[:10].tolist()} are not "
+                             f"classes 0..{k - 1}")
+        flat = labels[valid] * k + predictions[valid]
         self.matrix += torch.bincount(flat, minlength=k * k).reshape(k, k).numpy()
 
     def merge(self, other: "ConfusionMatrix") -> "ConfusionMatrix":

@@ -105,6 +105,10 @@ def write_json_atomic(path: str | Path, payload: Mapping[str, Any]) -> Path:
     return path
 
 
+class PriorError(ValueError):
+    """A prior file, preset name or class set that cannot be used; the message names it."""
+
+
 @dataclass(frozen=True, eq=False)
 class ClassPrior:
     """A class prior π over ``classes``: ``probs`` (K,) float64 summing to 1, floored at :data:`PRIOR_FLOOR`.
@@ -207,8 +211,11 @@ class ClassPrior:
         try:
             data = json.loads(Path(path).read_text())
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error})") from None
-        return cls.from_dict(data)
+            raise PriorError(f"{path}: not valid JSON ({error})") from None
+        try:
+            return cls.from_dict(data)
+        except ValueError as error:
+            raise PriorError(f"{path}: {error}") from None
 
 
 def check_compatible(a: ClassPrior, b: ClassPrior) -> None:
@@ -333,12 +340,12 @@ def load_prior(spec: str | Path | ClassPrior, class_set: ClassSet | Sequence[str
     elif Path(spec).is_file():
         prior = ClassPrior.from_json(spec)
     else:
-        raise FileNotFoundError(f"prior {str(spec)!r} is neither a preset ({list(preset_names())}) "
-                                f"nor an existing JSON file")
+        raise PriorError(f"prior {str(spec)!r} is neither a preset ({list(preset_names())}) "
+                         f"nor an existing JSON file")
     if class_set is not None:
         expected = get_class_set(class_set).names if isinstance(class_set, str) else class_names_of(class_set)
         if prior.classes != expected:
-            raise ValueError(f"prior {str(spec)!r} is over classes {list(prior.classes)}, "
+            raise PriorError(f"prior {str(spec)!r} is over classes {list(prior.classes)}, "
                              f"expected {list(expected)}")
     return prior
 

@@ -30,12 +30,60 @@ def test_overrides_are_parsed_as_yaml():
     assert cfg.train.source.iterations == 7 and cfg.ray.use_gpu is True and cfg.eval.scales == (0.5, 1.0)
 
 
-def test_unknown_key_names_key_and_file(tmp_path):
+def test_unknown_key_names_key_file_and_the_expected_keys(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text((CONFIGS / "demo.yaml").read_text() + "\nprior:\n  methd: em\n")
+    path.write_text((CONFIGS / "demo.yaml").read_text().replace("prior:\n", "prior:\n  methd: em\n", 1))
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert f"invalid configuration in {path}:\n  prior.methd: unknown key (not a field of this section)" in str(err.value)
+    assert str(err.value) == (
+        f"invalid configuration in {path}:\n  prior.methd: unknown key; expected one of ['bootstrap', "
+        "'calibration', 'em_sample_pixels', 'kind', 'max_images', 'method', 'oracle', 'presence_threshold', "
+        "'source_prior', 'target_prior']; did you mean 'method'?")
+
+
+def test_duplicate_yaml_key_is_an_error(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text((CONFIGS / "demo.yaml").read_text() + "\nprior:\n  method: count\n")
+    with pytest.raises(ConfigError, match=f"config file {path} is not valid YAML: duplicate key 'prior' "
+                                          r"\(first on line \d+\)"):
+        load_config(path)
+
+
+def test_errors_name_the_override_that_set_the_key():
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "demo.yaml", ["model.nme=small"])
+    assert ("  model.nme: unknown key; expected one of ['checkpoint', 'frozen_bn', 'name', 'pretrained', 'width']; "
+            "did you mean 'name'? [from the override 'model.nme=small']") in str(err.value)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.name=resnet9", "model.name: unknown model 'resnet9'; expected one of ['deeplabv2_resnet101', "
+                           "'deeplabv2_resnet50', 'small']"),
+    ("stages=[estimate,foo]", "stages.1: Input should be 'pretrain', 'estimate', 'evaluate_adapted', 'refine', "
+                              "'evaluate_refined', 'pseudo', 'distill' or 'evaluate_distilled' (got 'foo')"),
+    ("train.source.iterations=-5", "train.source.iterations: Input should be greater than or equal to 1 (got -5)"),
+    ("ray.num_workers=0", "ray.num_workers: Input should be greater than or equal to 1 (got 0)"),
+    ("eval.scales=[0]", "eval.scales.0: Input should be greater than 0 (got 0)"),
+    ("eval.subset=[road,roadd]", "  eval.subset names ['roadd'], not classes of cityscapes19"),
+    ("data.world.num_source=0", "data.world: num_source must be at least 1, got 0"),
+    ("data.source_transform.scale_range=[1.5,0.5]", "data.source_transform: scale_range must be "
+                                                    "(low, high) with low <= high, got (1.5, 0.5)"),
+])
+def test_bad_values_are_rejected_when_loading(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "demo.yaml", [override])
+    assert expected in str(err.value)
+
+
+def test_real_config_list_files_resolve_inside_their_dataset_roots(tmp_path):
+    from labelshift.data.io import resolve_list_path
+
+    for name in ("gta5_to_cityscapes.yaml", "synthia_to_cityscapes.yaml"):
+        cfg = load_config(CONFIGS / name)
+        for split in (cfg.data.source, cfg.data.source_val):
+            assert split.list_file is not None and not Path(split.list_file).is_absolute()
+            resolved = resolve_list_path(split.list_file, Path(split.root))
+            assert resolved.parent == Path(split.root) / "splits", (name, resolved)
 
 
 def test_bad_value_names_key_file_and_expectation():

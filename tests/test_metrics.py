@@ -55,3 +55,12 @@ def test_shape_and_class_count_mismatch_raise():
         cm.update(np.zeros(4, int), np.zeros(3, int))
     with pytest.raises(ValueError, match="cannot merge confusion matrices of 3 and 4 classes"):
         cm.merge(ConfusionMatrix(4))
+
+
+def test_out_of_range_labels_and_predictions_raise():
+    cm = ConfusionMatrix(3)
+    with pytest.raises(ValueError, match=r"labels \[3, 7\] are neither classes 0..2 nor the ignore index 255"):
+        cm.update(np.array([0, 3, 7, 255]), np.array([0, 1, 2, 0]))
+    with pytest.raises(ValueError, match=r"predictions \[255\] are not classes 0..2"):
+        cm.update(np.array([0, 1]), np.array([0, 255]))
+    assert cm.matrix.sum() == 0  # nothing was counted by the rejected updates

@@ -11,7 +11,7 @@ import torch
 
 from labelshift.classes import cityscapes19, reference_statistics, synthia16
 from labelshift.priors import (
-    PRIOR_FLOOR, ClassPrior, LabelStatistics, check_compatible, load_prior, preset, preset_names,
+    PRIOR_FLOOR, ClassPrior, LabelStatistics, PriorError, check_compatible, load_prior, preset, preset_names,
     prior_from_label_counts, prior_kl, prior_l1,
 )
 
@@ -148,7 +148,7 @@ def test_load_prior_resolves_presets_paths_and_checks_the_class_set(tmp_path):
     assert load_prior(path, class_set="synthia16").kind == "pixel"
     with pytest.raises(ValueError, match="expected"):
         load_prior(path, class_set=cityscapes19())
-    with pytest.raises(FileNotFoundError, match="neither a preset"):
+    with pytest.raises(PriorError, match="neither a preset"):
         load_prior(tmp_path / "missing.json")
 
 

@@ -12,8 +12,8 @@ from labelshift.classes import ClassSet
 from labelshift.config import DataConfig, DatasetConfig
 from labelshift.data.cityscapes import CityscapesDataset
 from labelshift.data.gta5 import GTA5Dataset
-from labelshift.data.io import (DatasetError, SegmentationFileDataset, Transform, read_image, read_label_ids,
-                                write_palette_png, write_png_atomic)
+from labelshift.data.io import (DatasetError, LabelMaps, SegmentationFileDataset, Transform, read_image,
+                                read_label_ids, write_palette_png, write_png_atomic)
 from labelshift.data.synthia import SynthiaDataset
 from labelshift.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SegmentationTransform, build_transforms
 
@@ -58,7 +58,7 @@ def build_transforms_for(data_cfg: DataConfig, domain: Literal["source", "target
                             keep_label_size=bool(keep_label_size))
 
 __all__ = [
-    "CityscapesDataset", "DatasetError", "GTA5Dataset", "IMAGENET_MEAN", "IMAGENET_STD",
+    "CityscapesDataset", "DatasetError", "GTA5Dataset", "IMAGENET_MEAN", "IMAGENET_STD", "LabelMaps",
     "SegmentationFileDataset", "SegmentationTransform", "SynthiaDataset", "Transform", "build_dataset",
     "build_transforms", "build_transforms_for", "read_image", "read_label_ids", "write_palette_png",
     "write_png_atomic",

@@ -320,3 +320,24 @@ class SegmentationFileDataset(Dataset):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({len(self)} images, class_set={self.class_set.name!r}, "
                 f"with_labels={self.with_labels})")
+
+
+class LabelMaps(Dataset):
+    """The label maps of a labelled :class:`SegmentationFileDataset`, decoded without reading any image.
+
+    ``__getitem__(i)`` returns ``{"label": uint8 (H, W) trainIds at full resolution, "name": str}``: what exact
+    class statistics need (``labelshift source-stats``, the estimate stage), at a fraction of the I/O.
+    """
+
+    def __init__(self, dataset: SegmentationFileDataset) -> None:
+        if not dataset.with_labels:
+            raise DatasetError(f"{dataset!r} has no labels to count")
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        _, label_path = self.dataset.files[index]
+        return {"label": torch.from_numpy(self.dataset.read_train_ids(label_path)), "name": self.dataset.names[index]}
+

@@ -15,14 +15,13 @@ import torch
 
 from labelshift.build import build_model, class_set_of, eval_loader
 from labelshift.calibrate import Calibration
-from labelshift.config import ExperimentConfig, dump_config
+from labelshift.config import PIPELINE_STAGES, ExperimentConfig, dump_config
 from labelshift.pipeline.manifest import StageDir, fingerprint, write_json_atomic
 from labelshift.pipeline.report import format_summary, summary_rows
 from labelshift.priors import ClassPrior
 from labelshift.tracking import Tracker
 
-ALL_STAGES = ("pretrain", "estimate", "evaluate_adapted", "refine", "evaluate_refined", "pseudo", "distill",
-              "evaluate_distilled")
+ALL_STAGES = PIPELINE_STAGES
 MODEL_FILE = "model.safetensors"
 # stage -> (config sections it reads, upstream stages it consumes)
 STAGE_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {

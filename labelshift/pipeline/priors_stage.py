@@ -5,15 +5,20 @@ is only ever used to *measure* the estimates, never to train or select.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 import torch
 from torch import nn
 
+from labelshift.build import build_split, eval_loader
 from labelshift.calibrate import Calibration, fit_calibration
+from labelshift.config import ExperimentConfig
 from labelshift.estimate import make_estimator
 from labelshift.inference import iterate_predictions, sample_pixels
-from labelshift.priors import ClassPrior, LabelStatistics, prior_kl, prior_l1
+from labelshift.models import checkpoint_sha256
+from labelshift.priors import ClassPrior, LabelStatistics, load_prior, prior_kl, prior_l1
 
 PIXEL_METHODS = ("count", "soft_count", "em", "bbse")
 IMAGE_METHODS = ("reference", "presence")
@@ -25,6 +30,29 @@ def label_statistics(loader: Iterable[dict], class_names: tuple[str, ...]) -> La
     for batch in loader:
         statistics.update(batch["label"])
     return statistics
+
+
+def label_statistics_of(dataset, class_names: tuple[str, ...], num_workers: int = 0) -> LabelStatistics:
+    """Exact class counts of a labelled dataset, from its label files alone (no image is decoded)."""
+    from labelshift.data import LabelMaps
+
+    loader = torch.utils.data.DataLoader(LabelMaps(dataset), batch_size=1, num_workers=num_workers)
+    return label_statistics(loader, class_names)
+
+
+def source_priors(cfg: ExperimentConfig) -> tuple[ClassPrior, ClassPrior]:
+    """(pixel, image) priors of the source: ``prior.source_prior`` when set (used for both), else the exact
+    statistics of the source split's labels."""
+    from labelshift.build import class_set_of
+
+    class_set = class_set_of(cfg)
+    if cfg.prior.source_prior:
+        given = load_prior(cfg.prior.source_prior, class_set)
+        return given, given
+    stats = label_statistics_of(build_split(cfg, "source", train=False), class_set.names, cfg.data.num_workers)
+    meta = {"dataset": cfg.data.source.kind, "root": cfg.data.source.root,
+            "split": cfg.data.source.split or cfg.data.source.list_file}
+    return stats.pixel_prior(**meta), stats.image_prior(**meta)
 
 
 def fit_source_calibration(model: nn.Module, loader: Iterable[dict], method: str, *, device: torch.device,
@@ -63,7 +91,7 @@ def run_estimators(model: nn.Module, target_loader: Iterable[dict], *, device: t
     for method in methods:
         kwargs = {"bootstrap": bootstrap, "seed": seed}
         if method == "reference":
-            kwargs["thresholds"] = source_pixel_prior.probs
+            kwargs["thresholds"] = source_pixel_prior  # a published preset keeps its exact float32 values
         elif method == "presence":
             kwargs["threshold"] = presence_threshold
         elif method == "em":
@@ -95,3 +123,56 @@ def prior_errors(estimates: dict[str, ClassPrior], oracle_pixel: ClassPrior, ora
         errors[f"{method}_l1"] = prior_l1(estimate, oracle)
         errors[f"{method}_kl"] = prior_kl(oracle, estimate)
     return errors
+
+
+@dataclass
+class PriorEstimation:
+    """What one estimate pass produces: the source priors IA needs, the calibration, every estimate (with
+    provenance), and the target-train label statistics when labels exist (measurement only)."""
+
+    source_pixel: ClassPrior
+    source_image: ClassPrior
+    calibration: Calibration
+    calibrated_source: ClassPrior  # the prior of the calibrated posteriors (EM's source prior)
+    estimates: dict[str, ClassPrior]
+    oracle: LabelStatistics | None
+
+
+def needs_source_validation(methods: Iterable[str], calibration_method: str) -> bool:
+    """Whether the labelled source-validation split is needed: BBSE's confusion, or a calibration for the
+    pixel methods."""
+    methods = tuple(methods)
+    return "bbse" in methods or (calibration_method != "none" and any(m in PIXEL_METHODS for m in methods))
+
+
+def estimate_target_priors(cfg: ExperimentConfig, model: nn.Module, checkpoint: str | Path, *,
+                           device: torch.device, methods: tuple[str, ...], with_oracle: bool,
+                           seed: int) -> PriorEstimation:
+    """Source priors, calibration on source val (only when a method needs it), and every estimator in
+    ``methods`` in one pass over target train. Estimates record the checkpoint (path and sha256), the target
+    dataset and split, and the calibration in their provenance."""
+    from labelshift.build import class_set_of
+
+    class_names = class_set_of(cfg).names
+    prior_cfg = cfg.prior
+    source_pixel, source_image = source_priors(cfg)
+    if needs_source_validation(methods, prior_cfg.calibration):
+        calibration, sample = fit_source_calibration(model, eval_loader(cfg, "source_val"), prior_cfg.calibration,
+                                                     device=device, seed=seed)
+    else:
+        calibration = Calibration.identity(len(class_names))
+        sample = (torch.zeros(0, len(class_names)), torch.zeros(0, dtype=torch.long))
+    calibrated = calibrated_source_prior(calibration, sample[1], source_pixel)
+    estimates, oracle = run_estimators(
+        model, eval_loader(cfg, "target", with_labels=with_oracle, max_images=prior_cfg.max_images),
+        device=device, calibration=calibration, source_pixel_prior=source_pixel, calibrated_prior=calibrated,
+        source_sample=sample, methods=methods, em_sample_pixels=prior_cfg.em_sample_pixels,
+        presence_threshold=prior_cfg.presence_threshold, bootstrap=prior_cfg.bootstrap, seed=seed,
+        class_names=class_names)
+    target = cfg.data.target
+    provenance = {"checkpoint": str(checkpoint), "checkpoint_sha256": checkpoint_sha256(checkpoint),
+                  "dataset": target.kind, "root": target.root, "split": target.split or target.list_file,
+                  "calibration": calibration.to_dict()}
+    estimates = {method: prior.with_provenance(**provenance) for method, prior in estimates.items()}
+    return PriorEstimation(source_pixel, source_image, calibration, calibrated, estimates, oracle)
+

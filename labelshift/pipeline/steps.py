@@ -8,13 +8,12 @@ import torch
 
 from labelshift.adjust import adjust_logits
 from labelshift.calibrate import Calibration
-from labelshift.classes import miou13_names
+from labelshift.build import eval_subsets
 from labelshift.inference import evaluate
 from labelshift.models import checkpoint_sha256
 from labelshift.pipeline.job import MODEL_FILE, Pipeline
 from labelshift.pipeline.manifest import write_json_atomic
-from labelshift.pipeline.priors_stage import (IMAGE_METHODS, PIXEL_METHODS, calibrated_source_prior,
-                                              fit_source_calibration, label_statistics, prior_errors, run_estimators)
+from labelshift.pipeline.priors_stage import IMAGE_METHODS, PIXEL_METHODS, estimate_target_priors, prior_errors
 from labelshift.priors import ClassPrior, load_prior
 from labelshift.pseudo import write_pseudo_labels
 
@@ -50,47 +49,31 @@ def ensure_world(p: Pipeline) -> None:
     generate_world(root, **p.cfg.data.world.model_dump(exclude_none=True), overwrite=True)
 
 
-def _source_priors(p: Pipeline, partial: Path) -> tuple[ClassPrior, ClassPrior]:
-    if p.cfg.prior.source_prior:
-        given = load_prior(p.cfg.prior.source_prior, p.class_set)
-        return given, given
-    stats = label_statistics(p.loader("source"), p.class_set.names)
-    meta = {"dataset": p.cfg.data.source.kind, "split": p.cfg.data.source.split or p.cfg.data.source.list_file}
-    return stats.pixel_prior(**meta), stats.image_prior(**meta)
-
-
 def estimate(p: Pipeline) -> None:
     """Source prior, calibration on source val, every estimator on target train, oracle errors."""
     prior_cfg = p.cfg.prior
 
     def body(stage, partial):
-        model = p.load()
-        source_pixel, source_image = _source_priors(p, partial)
-        calibration, sample = fit_source_calibration(model, p.loader("source_val"), prior_cfg.calibration,
-                                                     device=p.device, seed=p.cfg.train.source.seed)
-        calibrated = calibrated_source_prior(calibration, sample[1], source_pixel)
         methods = tuple(dict.fromkeys((prior_cfg.method, *PIXEL_METHODS, *IMAGE_METHODS)))
-        estimates, oracle = run_estimators(
-            model, p.loader("target", with_labels=prior_cfg.oracle, max_images=prior_cfg.max_images), device=p.device, calibration=calibration,
-            source_pixel_prior=source_pixel, calibrated_prior=calibrated, source_sample=sample,
-            methods=methods, em_sample_pixels=prior_cfg.em_sample_pixels,
-            presence_threshold=prior_cfg.presence_threshold, bootstrap=prior_cfg.bootstrap,
-            seed=p.cfg.train.source.seed, class_names=p.class_set.names)
-        checkpoint = checkpoint_sha256(p.adapted_model_path())
-        outputs = {"source_pixel": source_pixel, "source_image": source_image, "source_calibrated": calibrated,
-                   **{f"estimate_{m}": e.with_provenance(checkpoint_sha256=checkpoint, split="target")
-                      for m, e in estimates.items()}}
-        chosen = load_prior(prior_cfg.target_prior, p.class_set) if prior_cfg.target_prior else estimates[prior_cfg.method]
+        found = estimate_target_priors(p.cfg, p.load(), p.adapted_model_path(), device=p.device, methods=methods,
+                                       with_oracle=prior_cfg.oracle, seed=p.cfg.train.source.seed)
+        outputs = {"source_pixel": found.source_pixel, "source_image": found.source_image,
+                   "source_calibrated": found.calibrated_source,
+                   **{f"estimate_{m}": e for m, e in found.estimates.items()}}
+        chosen = (load_prior(prior_cfg.target_prior, p.class_set) if prior_cfg.target_prior
+                  else found.estimates[prior_cfg.method])
         outputs["target"] = chosen
-        metrics = {"calibration_temperature": calibration.temperature}
-        if oracle is not None:
-            outputs["oracle_pixel"] = oracle.pixel_prior(dataset="target", split="train", note="oracle, evaluation only")
-            outputs["oracle_image"] = oracle.image_prior(dataset="target", split="train", note="oracle, evaluation only")
-            metrics.update(prior_errors(estimates, outputs["oracle_pixel"], outputs["oracle_image"],
-                                        source_pixel, source_image))
+        metrics = {"calibration_temperature": found.calibration.temperature}
+        if found.oracle is not None:
+            oracle_meta = {"dataset": p.cfg.data.target.kind, "split": p.cfg.data.target.split,
+                           "note": "oracle, evaluation only"}
+            outputs["oracle_pixel"] = found.oracle.pixel_prior(**oracle_meta)
+            outputs["oracle_image"] = found.oracle.image_prior(**oracle_meta)
+            metrics.update(prior_errors(found.estimates, outputs["oracle_pixel"], outputs["oracle_image"],
+                                        found.source_pixel, found.source_image))
         for name, prior in outputs.items():
             prior.to_json(partial / f"{name}.json")
-        write_json_atomic(partial / "calibration.json", calibration.to_dict())
+        write_json_atomic(partial / "calibration.json", found.calibration.to_dict())
         return [f"{n}.json" for n in outputs] + ["calibration.json"], metrics
 
     p._run_stage("estimate", body)
@@ -113,9 +96,7 @@ def _ia(calibration: Calibration, priors: dict[str, ClassPrior], target: ClassPr
 
 def _evaluate(p: Pipeline, model_stage: str | None, transforms: dict, partial: Path, with_source: bool) -> tuple[list[str], dict]:
     model = p.load(model_stage)
-    subsets = {}
-    if p.cfg.data.class_set == "synthia16":
-        subsets["13"] = p.class_set.subset_indices(miou13_names())
+    subsets = eval_subsets(p.cfg)
     metrics: dict = {}
     splits = {"target_val": transforms}
     if with_source and p.cfg.data.source_val is not None:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from labelshift.adjust import logit_adjusted_cross_entropy
-from labelshift.build import build_model, build_split, class_set_of
+from labelshift.build import build_model, build_split, build_student, class_set_of
 from labelshift.classes import IGNORE_INDEX
 from labelshift.config import ExperimentConfig, OptimConfig, config_from_dict
 from labelshift.inference import autocast_for
@@ -72,7 +72,7 @@ def _prepare(payload: dict, ctx: TrainContext) -> tuple[ExperimentConfig, nn.Mod
     elif stage == "refine":
         model = build_model(cfg, init)
     else:
-        model = build_model(cfg, init if cfg.train.distill.init == "adapted" else None, fresh=True)
+        model = build_student(cfg, init)
     model = model.to(ctx.device)
     if ctx.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -87,8 +87,8 @@ def _prepare(payload: dict, ctx: TrainContext) -> tuple[ExperimentConfig, nn.Mod
             logits, labels, source_prior, target_prior, ignore_index=IGNORE_INDEX)
         forward = ctx.wrap_model(_FrozenFeaturesHead(model))
         return cfg, model, groups, forward, loss
-    if stage == "distill" and cfg.train.distill.sync_bn and ctx.world_size > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if stage == "distill" and cfg.train.distill.sync_bn and ctx.world_size > 1 and ctx.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # SyncBatchNorm runs on GPUs only
     model.train()
     groups = [(list(model.backbone_parameters()), optim.lr), (list(model.head_parameters()), optim.lr * optim.head_lr_mult)]
     return cfg, model, groups, ctx.wrap_model(model), cross_entropy_over_valid_pixels
