@@ -1,13 +1,15 @@
 """The cluster path: `ray start --head` + `ray job submit`, a job stopped mid-stage and re-submitted.
 
 The head is started by this test (``ray start --head --block``) and stopped by its pid; never `ray stop`.
-Ray 2.60 enables token authentication on new clusters: clients set ``RAY_AUTH_MODE=token`` (the token lives
-in ``~/.ray/auth_token``, written by ``ray start``).
+Ray 2.60 token authentication: ``ray start --head`` enables it only when a token exists (``RAY_AUTH_MODE=token``
+with no token is an error), so the test makes its own token and hands it to the head and every client through
+``RAY_AUTH_TOKEN``; nothing depends on ``~/.ray/auth_token``.
 """
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -24,6 +26,7 @@ pytest.importorskip("ray")
 from conftest import PROJECT, tiny_overrides  # noqa: E402
 
 BIN = Path(sys.executable).parent
+TOKEN = secrets.token_hex(32)  # this test cluster's authentication token
 
 
 def _free_port() -> int:
@@ -33,8 +36,10 @@ def _free_port() -> int:
 
 
 def _env() -> dict:
-    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-            "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN,
+           "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    return env
 
 
 def _ray(*args: str, check: bool = True, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -86,8 +91,7 @@ def _get(address: str, path: str) -> dict:
     """The Jobs REST API, authenticated with the cluster's token (``Authorization: Bearer``)."""
     import httpx
 
-    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
-    response = httpx.get(f"{address}{path}", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    response = httpx.get(f"{address}{path}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
     response.raise_for_status()
     return response.json()
 
@@ -119,15 +123,15 @@ def _runs(tracking_uri: str):
 
 def test_job_submit_stop_mid_stage_and_resubmit(head, tmp_path):
     out = tmp_path / "run"
-    overrides = tiny_overrides(out) + ["train.refine.iterations=3000", "train.refine.checkpoint_every=25",
-                                       "train.refine.log_every=25", "ray.cpus_per_worker=1"]
+    overrides = tiny_overrides(out) + ["train.refine.iterations=2000", "train.refine.checkpoint_every=50",
+                                       "train.refine.log_every=50", "ray.cpus_per_worker=1"]
     _submit(head, "first", overrides)
     refine_storage = out / "ray"
     deadline = time.time() + 400
     while not list(refine_storage.glob("demo-refine-*/checkpoint_manager_snapshot.json")):
         assert _status(head, "first") in ("PENDING", "RUNNING"), _logs(head, "first")[-3000:]
         assert time.time() < deadline, _logs(head, "first")[-3000:]
-        time.sleep(1)
+        time.sleep(0.5)
     assert (out / "stages" / "refine.partial").is_dir()
     _ray("job", "stop", "--address", head, "first")
     assert _wait(head, "first", ("STOPPED", "FAILED", "SUCCEEDED")) == "STOPPED"
@@ -135,9 +139,9 @@ def test_job_submit_stop_mid_stage_and_resubmit(head, tmp_path):
     assert "RUNNING" not in set(runs["status"])
     killed = runs[runs["tags.mlflow.runName"].isin(["demo", "refine"])]
     assert set(killed["status"]) <= {"KILLED", "FAILED"} and len(killed) == 2
+    assert not (out / "stages" / "refine").exists()
 
-    _submit(head, "second", tiny_overrides(out) + ["train.refine.iterations=60", "train.refine.checkpoint_every=25",
-                                                   "train.refine.log_every=25", "ray.cpus_per_worker=1"])
+    _submit(head, "second", overrides)  # the same command again
     assert _wait(head, "second", ("SUCCEEDED", "FAILED", "STOPPED")) == "SUCCEEDED", _logs(head, "second")[-4000:]
     logs = _logs(head, "second")
     for stage in ("pretrain", "estimate", "evaluate_adapted"):
@@ -145,8 +149,38 @@ def test_job_submit_stop_mid_stage_and_resubmit(head, tmp_path):
     assert "[refine] running" in logs
     summary = json.loads((out / "summary.json").read_text())
     assert [row["model"] for row in summary["rows"]][-1] == "+self-distillation"
+    refine = summary["stages"]["refine"]  # Ray Train resumed the interrupted run from its last checkpoint
+    assert refine["resumed_from"] > 0 and refine["resumed_from"] % 50 == 0
+    assert refine["resumed_from"] + refine["steps_run"] == 2000
     assert not list((out / "stages").glob("*.partial"))
-    runs = _runs(f"sqlite:///{out}/mlflow.db")
+    _check_mlflow(f"sqlite:///{out}/mlflow.db", out)
+
+
+def _check_mlflow(tracking_uri: str, out: Path) -> None:
+    """Statuses, the parent/nested structure, params, metrics and artifacts of the two jobs' runs."""
+    import mlflow
+
+    runs = _runs(tracking_uri)
     assert set(runs["status"]) <= {"KILLED", "FAILED", "FINISHED"}
     parents = runs[runs["tags.mlflow.runName"] == "demo"]
-    assert list(parents["status"]) [-1] == "FINISHED" and parents["status"].iloc[0] in ("KILLED", "FAILED")
+    assert list(parents["status"])[-1] == "FINISHED" and parents["status"].iloc[0] in ("KILLED", "FAILED")
+    parent = parents.iloc[-1]
+    assert parent["params.train.refine.iterations"] == "2000" and parent["params.prior.method"] == "em"
+    stages = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]].set_index("tags.mlflow.runName")
+    assert set(stages.index) == {"refine", "evaluate_refined", "pseudo", "distill", "evaluate_distilled"}
+    assert (stages["status"] == "FINISHED").all()
+    assert 0 <= stages.loc["evaluate_refined", "metrics.target_val/none.miou"] <= 100
+    assert "metrics.target_val/none.per_class_iou.road" in stages.columns
+    first_estimate = runs[(runs["tags.mlflow.runName"] == "estimate")
+                          & (runs["tags.mlflow.parentRunId"] == parents.iloc[0]["run_id"])].iloc[0]
+    assert first_estimate["status"] == "FINISHED" and 0 <= first_estimate["metrics.em_l1"] <= 2
+    client = mlflow.MlflowClient(tracking_uri)
+    assert {a.path for a in client.list_artifacts(parent["run_id"])} >= {"summary.json", "summary.md"}
+    refine_id = stages.loc["refine", "run_id"]
+    assert [a.path for a in client.list_artifacts(refine_id, "refine")] == ["refine/checkpoint.json"]
+    info = json.loads((out / "stages" / "refine" / "checkpoint.json").read_text())
+    assert len(info["sha256"]) == 64 and info["training_run"]["location"].startswith(str(out / "ray"))
+    curve = client.get_metric_history(refine_id, "train_loss")
+    assert [m.step for m in curve][-1] == 2000 and all(m.value > 0 for m in curve)
+    estimate_artifacts = {a.path for a in client.list_artifacts(first_estimate["run_id"], "estimate")}
+    assert {"estimate/target.json", "estimate/calibration.json", "estimate/estimate_em.json"} <= estimate_artifacts

@@ -56,14 +56,31 @@ def test_two_ddp_workers_give_the_losses_of_one_worker(local_ray, tiny_cfg, tmp_
     assert one["losses"][0][1] != pytest.approx(one["losses"][-1][1], rel=1e-3)  # training moved
 
 
+def _parent_of(pid: int) -> int:
+    stat = (Path("/proc") / str(pid) / "stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state letter
+
+
+def _descends_from_this_process(pid: int) -> bool:
+    """Whether ``pid`` was started (through any chain of parents) by this test process: the local Ray instance
+    this module started, never another session's workers on the same machine."""
+    me = os.getpid()
+    while pid > 1:
+        pid = _parent_of(pid)
+        if pid == me:
+            return True
+    return False
+
+
 def _train_worker_pids() -> list[int]:
-    """Processes whose title names a Ray Train worker (Ray sets it to ``ray::RayTrainWorker...``)."""
+    """Ray Train worker processes (titled ``ray::RayTrainWorker...``) of the Ray instance this test started."""
     pids = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and b"RayTrainWorker" in (entry / "cmdline").read_bytes():
+            if (entry.name.isdigit() and b"RayTrainWorker" in (entry / "cmdline").read_bytes()
+                    and _descends_from_this_process(int(entry.name))):
                 pids.append(int(entry.name))
-        except OSError:
+        except (OSError, ValueError, IndexError):
             continue
     return pids
 

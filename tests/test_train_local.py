@@ -1,11 +1,14 @@
 """Training loops and the pipeline in one process (no Ray): resume, CR freezes the extractor, manifests."""
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 
 from labelshift.build import build_model
-from labelshift.models import load_checkpoint
+from labelshift.models import checkpoint_sha256, load_checkpoint
 from labelshift.pipeline import LocalTrainRunner, Pipeline
 from labelshift.pipeline.steps import ensure_world
 from labelshift.tracking import Tracker
@@ -98,6 +101,20 @@ def test_pipeline_runs_skips_and_reruns_what_changed(tiny_cfg, tmp_path):
     Pipeline(changed, LocalTrainRunner(out / "train"), Tracker(), log=logs.append).run()
     skipped = {line.split("]")[0][1:] for line in logs if line.endswith("skipped")}
     assert skipped == {"pretrain", "estimate", "evaluate_adapted"}
+    info = json.loads((out / "stages" / "refine" / "checkpoint.json").read_text())
+    assert info["sha256"] == checkpoint_sha256(out / "stages" / "refine" / "model.safetensors")
+    assert info["training_run"]["location"].startswith(str(out / "train"))
+
+    # an upstream stage that ran again (same configuration, new outputs) invalidates everything downstream
+    shutil.rmtree(out / "stages" / "estimate")
+    logs.clear()
+    Pipeline(changed, LocalTrainRunner(out / "train"), Tracker(), log=logs.append).run()
+    assert {line.split("]")[0][1:] for line in logs if line.endswith("skipped")} == {"pretrain"}
+
+    with pytest.raises(RuntimeError, match="stage 'refine' needs the outputs of stage 'estimate'.*run 'estimate' "
+                                           "first"):
+        Pipeline(tiny_cfg(out=tmp_path / "other"), LocalTrainRunner(tmp_path / "other" / "train"), Tracker(),
+                 log=logs.append).run(("refine",))
 
 
 def test_cross_entropy_is_finite_when_every_pixel_is_ignored():

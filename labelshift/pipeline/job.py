@@ -15,6 +15,7 @@ import torch
 
 from labelshift.build import build_model, class_set_of, eval_loader
 from labelshift.calibrate import Calibration
+from labelshift.models import checkpoint_sha256
 from labelshift.config import PIPELINE_STAGES, ExperimentConfig, dump_config
 from labelshift.pipeline.manifest import StageDir, fingerprint, write_json_atomic
 from labelshift.pipeline.report import format_summary, summary_rows
@@ -23,6 +24,7 @@ from labelshift.tracking import Tracker
 
 ALL_STAGES = PIPELINE_STAGES
 MODEL_FILE = "model.safetensors"
+CHECKPOINT_INFO = "checkpoint.json"  # a training stage's model reference: sha256 and the training run
 # stage -> (config sections it reads, upstream stages it consumes)
 STAGE_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "pretrain": (("data", "model", "train.source"), ()),
@@ -51,6 +53,7 @@ class Pipeline:
         self.class_set = class_set_of(cfg)
         self.fingerprints: dict[str, str] = {}
         self.results: dict[str, dict] = {}
+        self._adapted_sha256: str | None = None
         self._compute_fingerprints()
 
     # ------------------------------------------------------------------ plumbing
@@ -61,9 +64,31 @@ class Pipeline:
             self.fingerprints[name] = fingerprint({"stage": name, "sections": self._cfg(*sections),
                                                    "upstream": [self.fingerprints[u] for u in upstream]})
 
+    def _upstream_inputs(self, name: str) -> dict:
+        """The commit ids of the upstream outputs ``name`` consumes (the adapted model's sha256 when it is a
+        given checkpoint rather than the pretrain stage's); a missing upstream stage is an error naming it."""
+        inputs = {}
+        for upstream in STAGE_INPUTS[name][1]:
+            if upstream == "pretrain" and self.adapted_model_path() != self.model_path("pretrain"):
+                inputs["adapted_model_sha256"] = self._adapted_model_sha256()
+                continue
+            stage = StageDir(self.stages_root, upstream, self.fingerprints[upstream])
+            if not stage.is_complete():
+                raise RuntimeError(f"stage {name!r} needs the outputs of stage {upstream!r}, and "
+                                   f"{stage.final} is missing, incomplete or from another configuration: "
+                                   f"run {upstream!r} first (e.g. --stages {upstream},{name})")
+            inputs[upstream] = stage.manifest()["commit"]
+        return inputs
+
+    def _adapted_model_sha256(self) -> str:
+        if self._adapted_sha256 is None:
+            self._adapted_sha256 = checkpoint_sha256(self.adapted_model_path())
+        return self._adapted_sha256
+
     def _run_stage(self, name: str, body: Callable[[StageDir, Path], tuple[list[str], dict]]) -> dict:
-        stage = StageDir(self.stages_root, name, self.fingerprints[name])
-        if stage.is_complete():
+        inputs = self._upstream_inputs(name)
+        stage = StageDir(self.stages_root, name, self.fingerprints[name], inputs)
+        if stage.is_complete(inputs):
             self.log(f"[{name}] complete (manifest valid): skipped")
             manifest = stage.manifest()
         else:
@@ -72,7 +97,7 @@ class Pipeline:
             with self.tracker.stage(name):
                 outputs, metrics = body(stage, stage.begin())
                 metrics = {**metrics, "seconds": round(time.perf_counter() - began, 2)}
-                manifest = stage.commit(outputs, metrics, {"config": dump_config(self.cfg)})
+                manifest = stage.commit(outputs, metrics, {"config": dump_config(self.cfg)}, inputs)
                 self.tracker.log_metrics(_flat_numbers(metrics))
                 for rel in outputs:
                     if (stage.final / rel).is_file() and not rel.endswith(".safetensors"):

@@ -1,8 +1,10 @@
 """Stage artifact directories with manifests: skip what is complete, never leave half-written output.
 
-A stage writes into ``<stages>/<name>.partial/``; when it finishes, ``manifest.json`` (fingerprint, outputs
-with sizes, metrics) is written there and the directory is renamed to ``<stages>/<name>/``. A re-run skips a
-stage whose manifest is complete, whose fingerprint matches the current inputs and whose outputs all exist.
+A stage writes into ``<stages>/<name>.partial/``; when it finishes, ``manifest.json`` (fingerprint of its
+configuration, the commit ids of the upstream outputs it consumed, a commit id of its own, outputs with sizes,
+metrics) is written there and the directory is renamed to ``<stages>/<name>/``. A re-run skips a stage whose
+manifest is complete, whose fingerprint matches the current configuration, whose recorded inputs are the current
+upstream commits (a re-run upstream stage invalidates everything downstream) and whose outputs all exist.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +28,17 @@ def fingerprint(data: Any) -> str:
 
 
 class StageDir:
-    def __init__(self, stages_root: Path, name: str, stage_fingerprint: str) -> None:
+    def __init__(self, stages_root: Path, name: str, stage_fingerprint: str, inputs: dict | None = None) -> None:
         self.name = name
         self.final = stages_root / name
         self.partial = stages_root / f"{name}.partial"
         self.fingerprint = stage_fingerprint
+        self.inputs = inputs
+
+    @property
+    def run_key(self) -> str:
+        """Names this stage's work (configuration and upstream inputs), e.g. its resumable training run."""
+        return fingerprint({"fingerprint": self.fingerprint, "inputs": self.inputs})[:12]
 
     def manifest(self) -> dict | None:
         path = self.final / MANIFEST
@@ -38,9 +47,12 @@ class StageDir:
         except (OSError, json.JSONDecodeError):
             return None
 
-    def is_complete(self) -> bool:
+    def is_complete(self, inputs: dict | None = None) -> bool:
+        """Complete, same configuration, outputs present; and, when ``inputs`` is given, built from them."""
         manifest = self.manifest()
         if not manifest or manifest.get("status") != "complete" or manifest.get("fingerprint") != self.fingerprint:
+            return False
+        if inputs is not None and manifest.get("inputs") != inputs:
             return False
         for rel, size in manifest.get("outputs", {}).items():
             path = self.final / rel
@@ -59,9 +71,10 @@ class StageDir:
         """Where an output lives once the stage is complete."""
         return self.final / rel
 
-    def commit(self, outputs: list[str], metrics: dict, extra: dict | None = None) -> dict:
+    def commit(self, outputs: list[str], metrics: dict, extra: dict | None = None, inputs: dict | None = None) -> dict:
         """Record the manifest in ``.partial`` and move it into place."""
         manifest = {"stage": self.name, "status": "complete", "fingerprint": self.fingerprint,
+                    "commit": uuid.uuid4().hex, "inputs": inputs or {},
                     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "metrics": metrics,
                     "outputs": {rel: _size(self.partial / rel) for rel in outputs}, **(extra or {})}
         write_json_atomic(self.partial / MANIFEST, manifest)

@@ -50,6 +50,10 @@ class LocalTrainRunner:
         self.work_root = Path(work_root)
         self.device = torch.device(device)
 
+    def run_location(self, run_name: str) -> str:
+        """Where the run's resumable checkpoints live."""
+        return str(self.work_root / run_name)
+
     def fit(self, payload: dict, run_name: str, model_out: Path) -> dict:
         ctx = LocalContext(self.work_root / run_name, self.device)
         summary = run_stage(payload, ctx)
@@ -67,6 +71,10 @@ class RayTrainRunner:
     def __init__(self, ray_cfg: RayConfig, storage_path: str | Path) -> None:
         self.ray_cfg = ray_cfg
         self.storage_path = str(Path(storage_path).resolve())
+
+    def run_location(self, run_name: str) -> str:
+        """Where Ray Train keeps the run (its checkpoints and state): ``<storage_path>/<run_name>``."""
+        return f"{self.storage_path}/{run_name}"
 
     def fit(self, payload: dict, run_name: str, model_out: Path) -> dict:
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig

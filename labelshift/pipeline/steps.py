@@ -11,17 +11,27 @@ from labelshift.calibrate import Calibration
 from labelshift.build import eval_subsets
 from labelshift.inference import evaluate
 from labelshift.models import checkpoint_sha256
-from labelshift.pipeline.job import MODEL_FILE, Pipeline
-from labelshift.pipeline.manifest import write_json_atomic
+from labelshift.pipeline.job import CHECKPOINT_INFO, MODEL_FILE, Pipeline
+from labelshift.pipeline.manifest import StageDir, write_json_atomic
 from labelshift.pipeline.priors_stage import IMAGE_METHODS, PIXEL_METHODS, estimate_target_priors, prior_errors
 from labelshift.priors import ClassPrior, load_prior
 from labelshift.pseudo import write_pseudo_labels
 
-def _train(p: Pipeline, stage: str, train_stage: str, partial: Path, **payload_extra) -> dict:
+
+def _train(p: Pipeline, stage: StageDir, train_stage: str, **payload_extra) -> dict:
+    """Run a training stage through the pipeline's runner; writes the model, ``checkpoint.json`` (the model's
+    sha256 and the training run it came from) and logs rank 0's loss curve to the stage's tracking run."""
     payload = {"stage": train_stage, "config": p.cfg.model_dump(mode="json"), **payload_extra}
-    run_name = f"{p.cfg.name}-{stage}-{p.fingerprints[stage][:10]}"
-    summary = p.runner.fit(payload, run_name, partial / MODEL_FILE)
+    run_name = f"{p.cfg.name}-{stage.name}-{stage.run_key}"  # same work, same run: a re-run resumes it
+    model_path = stage.partial / MODEL_FILE
+    summary = p.runner.fit(payload, run_name, model_path)
     losses = summary.get("losses") or []
+    for step, loss in losses:
+        p.tracker.log_metrics({"train_loss": loss}, step=step)
+    write_json_atomic(stage.partial / CHECKPOINT_INFO, {
+        "model": MODEL_FILE, "sha256": checkpoint_sha256(model_path), "bytes": model_path.stat().st_size,
+        "training_run": {"name": run_name, "location": p.runner.run_location(run_name)},
+        "initialised_from": payload_extra.get("init_checkpoint")})
     return {"steps_run": summary.get("steps_run"), "resumed_from": summary.get("resumed_from"),
             "final_loss": losses[-1][1] if losses else None, "train_seconds": summary.get("seconds"),
             "world_size": summary.get("world_size")}
@@ -33,7 +43,7 @@ def pretrain(p: Pipeline) -> None:
         ensure_world(p)
 
     def body(stage, partial):
-        return [MODEL_FILE], _train(p, "pretrain", "source", partial)
+        return [MODEL_FILE, CHECKPOINT_INFO], _train(p, stage, "source")
 
     p._run_stage("pretrain", body)
 
@@ -131,8 +141,8 @@ def refine(p: Pipeline) -> None:
         priors = p.priors()
         target = priors["target"]
         source = priors["source_pixel" if target.kind == "pixel" else "source_image"]
-        return [MODEL_FILE], _train(p, "refine", "refine", partial, init_checkpoint=str(p.adapted_model_path()),
-                                    source_prior=source.to_dict(), target_prior=target.to_dict())
+        return [MODEL_FILE, CHECKPOINT_INFO], _train(p, stage, "refine", init_checkpoint=str(p.adapted_model_path()),
+                                                     source_prior=source.to_dict(), target_prior=target.to_dict())
 
     p._run_stage("refine", body)
 
@@ -154,8 +164,8 @@ def pseudo(p: Pipeline) -> None:
 
 def distill(p: Pipeline) -> None:
     def body(stage, partial):
-        return [MODEL_FILE], _train(p, "distill", "distill", partial, init_checkpoint=str(p.adapted_model_path()),
-                                    pseudo_label_dir=str(p.stages_root / "pseudo" / "labels"))
+        return [MODEL_FILE, CHECKPOINT_INFO], _train(p, stage, "distill", init_checkpoint=str(p.adapted_model_path()),
+                                                     pseudo_label_dir=str(p.stages_root / "pseudo" / "labels"))
 
     p._run_stage("distill", body)
 
