@@ -42,7 +42,7 @@ def _as_units(probs: Any, num_classes: int) -> torch.Tensor:
         tensor = tensor[:, :, None, None]
     if tensor.ndim != 4 or tensor.shape[1] != num_classes:
         raise ValueError(f"expected probabilities (B, {num_classes}, H, W) or (N, {num_classes}), "
-                         f"got shape {tuple(probs.shape)}")
+                         f"got shape {tuple(tensor.shape)}")
     if not tensor.is_floating_point():
         raise TypeError(f"probabilities must be floating point, got {tensor.dtype}")
     return tensor
@@ -114,9 +114,10 @@ class PriorEstimator(ABC):
             raise RuntimeError(f"the {self.method} estimator has seen no data: call update() first")
         point = self._estimate(None)
         prior = ClassPrior(self.class_names, point, self.kind, self._counts(point))
-        provenance = {"estimator": self.method, "num_images": self.num_units, "num_pixels": self.num_pixels,
+        provenance = {**self.provenance,  # the caller's notes (dataset, split, ...) never override what was computed
+                      "estimator": self.method, "num_images": self.num_units, "num_pixels": self.num_pixels,
                       **self.settings(), **self._diagnostics(), "bootstrap": self.bootstrap, "seed": self.seed,
-                      "confidence_interval": self._bootstrap_interval(), **self.provenance}
+                      "confidence_interval": self._bootstrap_interval()}
         return prior.with_provenance(**provenance)
 
     def settings(self) -> dict[str, Any]:
@@ -321,6 +322,7 @@ class EMEstimator(PriorEstimator):
         self.sample_units = np.zeros(0, dtype=np.int64)  # (M,) unit (image) of each sampled pixel
         self._point: np.ndarray | None = None
         self._fit: dict[str, Any] = {}
+        self.sampling_seeds = {self.seed}  # seeds whose key streams the sample holds (merged shards included)
 
     def settings(self) -> dict[str, Any]:
         return {"source_prior": self.source_probs.tolist(), "sample_size": self.sample_size,
@@ -350,6 +352,12 @@ class EMEstimator(PriorEstimator):
 
     def _merge_state(self, other: PriorEstimator) -> None:
         assert isinstance(other, EMEstimator)
+        shared = self.sampling_seeds & other.sampling_seeds
+        if shared:
+            raise ValueError(f"cannot merge em estimators whose samples used the same seed(s) {sorted(shared)}: "
+                             "equal seeds draw equal sampling keys, so the merged sample would not be uniform; "
+                             "give each shard its own seed (e.g. seed + shard index)")
+        self.sampling_seeds |= other.sampling_seeds
         self._keep(other.sample_probs, other.sample_keys, other.sample_units + self.num_units)
 
     def _estimate(self, unit_weights: np.ndarray | None) -> np.ndarray:
@@ -479,7 +487,7 @@ def estimate_prior(probs: Any, method: str = "em", *, classes: ClassSet | Sequen
                    **kwargs: Any) -> ClassPrior:
     """One call: feed ``probs`` (an array/tensor, or an iterable of batches) to a fresh estimator.
 
-    ``source_prior`` goes to ``em`` (ignored by the others); ``source_probs``/``source_labels`` (arrays or
+    ``source_prior`` goes to ``em``, and to ``reference`` as its ``thresholds`` (ignored by the others); ``source_probs``/``source_labels`` (arrays or
     iterables of batches) feed ``bbse``'s confusion. ``classes`` default to the source prior's classes.
     """
     batches = _batches(probs)
@@ -489,6 +497,8 @@ def estimate_prior(probs: Any, method: str = "em", *, classes: ClassSet | Sequen
             tuple(f"class{c}" for c in range(first.shape[1]))
     if method == "em":
         kwargs["source_prior"] = source_prior
+    elif method == "reference" and source_prior is not None:
+        kwargs.setdefault("thresholds", source_prior)  # the reference rule thresholds on the source pixel prior
     estimator = make_estimator(method, classes, **kwargs)
     if isinstance(estimator, BBSEEstimator):
         if source_probs is None or source_labels is None:

@@ -133,12 +133,15 @@ def test_em_through_image_batches_and_the_pixel_sample(shifted_data):
     assert prior_l1(sampled.result(), direct) < 0.05
 
 
-def test_bbse_recovers_a_known_prior(shifted_data):
+@pytest.mark.parametrize("settings", [{}, {"soft": False, "ridge": 0.0}], ids=["soft-ridge", "hard-plain"])
+def test_bbse_recovers_a_known_prior(shifted_data, settings):
+    """The default (soft confusion, small ridge) and Lipton et al.'s plain hard-confusion BBSE."""
     source_posteriors, source_labels, target_posteriors = shifted_data
     prior = estimate_prior(target_posteriors, "bbse", classes=NAMES, source_probs=source_posteriors,
-                           source_labels=source_labels, bootstrap=10)
+                           source_labels=source_labels, bootstrap=10, **settings)
     assert prior_l1(prior, TARGET_PRIOR) < 0.01
     assert prior.provenance["source_pixels"] == 200_000 and prior.provenance["confusion_condition_number"] > 1
+    assert prior.provenance["soft"] is settings.get("soft", True)
 
 
 def test_bbse_solve_is_exact_on_an_exact_confusion():
@@ -261,3 +264,34 @@ def test_em_warns_when_given_an_image_prior_as_source():
     source = ClassPrior(NAMES, SOURCE_PRIOR, "image")
     with pytest.warns(UserWarning, match="PIXEL prior"):
         make_estimator("em", NAMES, source_prior=source)
+
+
+def test_em_refuses_to_merge_samples_drawn_with_the_same_seed():
+    maps = _random_probability_maps(0, batch=2, num_classes=4, size=(6, 8))
+    left, right, third = (EMEstimator(NAMES, source_prior=[0.25] * 4, bootstrap=0, seed=seed) for seed in (3, 3, 4))
+    for estimator in (left, right, third):
+        estimator.update(maps)
+    with pytest.raises(ValueError, match=r"same seed\(s\) \[3\].*give each shard its own seed"):
+        left.merge(right)
+    left.merge(third)
+    with pytest.raises(ValueError, match=r"same seed\(s\) \[3, 4\]"):
+        right.merge(third).merge(left)  # both hold the keys of seeds 3 and 4 by now
+
+
+def test_computed_provenance_wins_over_the_callers_notes():
+    maps = _random_probability_maps(0, batch=2, num_classes=4, size=(6, 8))
+    estimator = make_estimator("count", NAMES, bootstrap=0, provenance={"num_images": 999, "dataset": "x"})
+    estimator.update(maps)
+    prior = estimator.result()
+    assert prior.provenance["num_images"] == 2 and prior.provenance["dataset"] == "x"
+
+
+def test_estimate_prior_passes_the_source_prior_to_the_reference_rule_as_thresholds():
+    maps = _random_probability_maps(0, batch=3, num_classes=4, size=(6, 8))
+    thresholds = [0.05, 0.1, 0.2, 0.3]
+    via_source = estimate_prior(maps, "reference", classes=NAMES, source_prior=thresholds, bootstrap=0)
+    explicit = estimate_prior(maps, "reference", classes=NAMES, thresholds=thresholds, bootstrap=0)
+    np.testing.assert_array_equal(via_source.counts, explicit.counts)
+    with pytest.raises(ValueError, match=r"got shape \(2, 5, 6\)"):
+        make_estimator("count", NAMES).update(np.ones((2, 5, 6), dtype=np.float32).tolist())
+
