@@ -78,7 +78,10 @@ def eval_loader(cfg: ExperimentConfig, which: str, *, with_labels: bool = True, 
     dataset = build_split(cfg, which, train=False, with_labels=with_labels)
     if max_images is not None and max_images < len(dataset):
         dataset = torch.utils.data.Subset(dataset, range(max_images))
-    return DataLoader(dataset, batch_size=cfg.eval.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
+    from labelshift.data.io import collate_eval
+
+    return DataLoader(dataset, batch_size=cfg.eval.batch_size, shuffle=False, num_workers=cfg.data.num_workers,
+                      collate_fn=collate_eval)
 
 
 def world_root_of(cfg: ExperimentConfig) -> Path:

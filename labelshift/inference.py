@@ -1,8 +1,9 @@
 """Batched prediction and evaluation over a loader.
 
-``predict`` resizes nothing itself: the loader gives images at the model input size; logits are
-upsampled to the label size (full resolution for evaluation), optionally averaged over flips and scales.
-The device is always passed in.
+``predict`` resizes images to the model input (``input_size``; loaders built from a config already do),
+runs the model (optionally over flips and scales) and upsamples the logits to the label size (full resolution
+for evaluation), averaging the views. Batches whose labels differ in size (``collate_eval`` pads them with the
+ignore index) are upsampled image by image. The device is always passed in.
 """
 from __future__ import annotations
 
@@ -28,12 +29,16 @@ def autocast_for(device: torch.device, amp_dtype: torch.dtype | None):
 
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, output_size: tuple[int, int], *, device: torch.device,
-            flip: bool = False, scales: tuple[float, ...] = (1.0,), amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+            flip: bool = False, scales: tuple[float, ...] = (1.0,), amp_dtype: torch.dtype | None = None,
+            input_size: tuple[int, int] | None = None) -> torch.Tensor:
     """images: (N, 3, h, w) normalised -> logits (N, K, H, W) float32 at ``output_size`` = (H, W).
 
-    With several scales or ``flip``, the upsampled logits of every view are averaged.
+    ``input_size`` (height, width): resize the images to the model input first (bilinear). With several
+    scales or ``flip``, the upsampled logits of every view are averaged.
     """
     images = images.to(device, non_blocking=True)
+    if input_size is not None and tuple(images.shape[-2:]) != tuple(input_size):
+        images = F.interpolate(images, size=tuple(input_size), mode="bilinear", align_corners=False)
     if device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
     total = None
@@ -60,11 +65,27 @@ def iterate_predictions(model: nn.Module, loader: Iterable[dict], *, device: tor
     Logits are at the label size when labels exist and ``at_label_size``; else at the input size.
     """
     model.eval()
+    options = {"device": device, "flip": flip, "scales": scales, "amp_dtype": amp_dtype}
     for batch in loader:
         labels = batch.get("label")
-        size = tuple(labels.shape[-2:]) if (labels is not None and at_label_size) else tuple(batch["image"].shape[-2:])
-        logits = predict(model, batch["image"], size, device=device, flip=flip, scales=scales, amp_dtype=amp_dtype)
+        if labels is None or not at_label_size:
+            logits = predict(model, batch["image"], tuple(batch["image"].shape[-2:]), **options)
+        elif "label_size" in batch and len({tuple(size) for size in batch["label_size"].tolist()}) > 1:
+            logits = _predict_padded(model, batch["image"], batch["label_size"].tolist(), tuple(labels.shape[-2:]),
+                                     **options)
+        else:
+            logits = predict(model, batch["image"], tuple(labels.shape[-2:]), **options)
         yield logits, labels, list(batch["name"])
+
+
+def _predict_padded(model: nn.Module, images: torch.Tensor, sizes: list[list[int]], padded: tuple[int, int],
+                    **options) -> torch.Tensor:
+    """Logits of each image at its own label size, zero-padded to ``padded`` (where its label is ignore)."""
+    rows = []
+    for image, (height, width) in zip(images, sizes):
+        logits = predict(model, image[None], (height, width), **options)
+        rows.append(F.pad(logits, (0, padded[1] - width, 0, padded[0] - height)))
+    return torch.cat(rows)
 
 
 def evaluate(model: nn.Module, loader: Iterable[dict], num_classes: int, *, device: torch.device,

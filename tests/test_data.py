@@ -346,6 +346,22 @@ def test_empty_image_dir_and_missing_label(gta5_root: Path) -> None:
         GTA5Dataset(gta5_root, IDENTITY)
 
 
+def test_missing_synthia_and_cityscapes_labels_name_both_paths(synthia_parent: Path, cityscapes_root: Path) -> None:
+    root = synthia_parent / "RAND_CITYSCAPES"
+    (root / "GT" / "LABELS" / "0000002.png").unlink()
+    with pytest.raises(DatasetError, match=re.escape(
+            f"SYNTHIA image {root / 'RGB' / '0000002.png'} has no label: expected "
+            f"{root / 'GT' / 'LABELS' / '0000002.png'}")):
+        SynthiaDataset(synthia_parent, IDENTITY)
+    stem = "bochum_000000_000007"
+    (cityscapes_root / "gtFine" / "train" / "bochum" / f"{stem}_gtFine_labelIds.png").unlink()
+    with pytest.raises(DatasetError, match=re.escape(
+            f"Cityscapes image {cityscapes_root / 'leftImg8bit' / 'train' / 'bochum' / f'{stem}_leftImg8bit.png'} "
+            f"has no label: expected {cityscapes_root / 'gtFine' / 'train' / 'bochum' / f'{stem}_gtFine_labelIds.png'}")):
+        CityscapesDataset(cityscapes_root, "train", IDENTITY)
+    assert len(CityscapesDataset(cityscapes_root, "train", IDENTITY, with_labels=False)) == 2
+
+
 def test_corrupt_files_fail_on_access_naming_the_path(synthia_parent: Path) -> None:
     root = synthia_parent / "RAND_CITYSCAPES"
     image_bytes = (root / "RGB" / "0000002.png").read_bytes()

@@ -1,6 +1,6 @@
 """Safe image I/O for the dataset layouts, and the file-pair machinery the datasets share.
 
-Label files hide traps (see ``notes/ecosystem.md``): GTA5 labels are 8-bit palette PNGs that OpenCV expands
+Label files hide traps: GTA5 labels are 8-bit palette PNGs that OpenCV expands
 to colour, so they are read with PIL; SYNTHIA labels are 16-bit 3-channel PNGs that PIL truncates to 8 bits,
 so they are read with OpenCV. Every failure raises :class:`DatasetError` naming the file and the expectation.
 """
@@ -340,4 +340,20 @@ class LabelMaps(Dataset):
     def __getitem__(self, index: int) -> dict:
         _, label_path = self.dataset.files[index]
         return {"label": torch.from_numpy(self.dataset.read_train_ids(label_path)), "name": self.dataset.names[index]}
+
+
+def collate_eval(items: list[dict]) -> dict:
+    """Batch evaluation items whose labels may differ in size (a few GTA5 frames do): images are stacked (they
+    are resized to the model input), labels padded with the ignore index to the largest, and ``label_size``
+    (B, 2) records each label's own (height, width)."""
+    batch = {"image": torch.stack([item["image"] for item in items]), "name": [item["name"] for item in items]}
+    if "label" in items[0]:
+        sizes = [tuple(item["label"].shape) for item in items]
+        height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
+        labels = torch.full((len(items), height, width), IGNORE_INDEX, dtype=items[0]["label"].dtype)
+        for row, item in enumerate(items):
+            labels[row, : item["label"].shape[0], : item["label"].shape[1]] = item["label"]
+        batch["label"] = labels
+        batch["label_size"] = torch.tensor(sizes)
+    return batch
 

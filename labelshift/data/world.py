@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -370,7 +371,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     try:
         manifest = generate_world(out, overwrite=overwrite, **args)
     except (FileExistsError, ValueError) as err:
-        print(f"labelshift world: error: {err}")
+        print(f"labelshift world: error: {err}", file=sys.stderr)
         return 2
     print(f"world written to {Path(out).resolve()} (source: gta5/, target: cityscapes/, manifest: world.json)")
     print(_summary(manifest))
