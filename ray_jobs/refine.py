@@ -22,7 +22,9 @@ from labelshift.tracking import build_tracker, terminate_on_sigterm  # noqa: E40
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
-    parser.add_argument("--stages", default=None, help="comma-separated subset of the configured stages")
+    parser.add_argument("--stages", default=None,
+                        help="comma-separated stages to run, in pipeline order (default: the config's `stages`); "
+                             "each needs its upstream stages complete")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     return parser.parse_args(argv)
 

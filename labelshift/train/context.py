@@ -40,6 +40,9 @@ class TrainContext:
         """A directory holding the last reported checkpoint, or None on a fresh start."""
         raise NotImplementedError
 
+    def release_checkpoint(self) -> None:
+        """The loop has read ``latest_checkpoint()``: drop any local copy made for it."""
+
 
 class LocalContext(TrainContext):
     """One process; checkpoints are copied under ``checkpoint_root/step_XXXXXXXX`` (the newest one resumes)."""
@@ -106,3 +109,8 @@ class RayTrainContext(TrainContext):
             self._restored = Path(tempfile.mkdtemp(prefix="labelshift_resume_"))
             checkpoint.to_directory(str(self._restored))
         return self._restored
+
+    def release_checkpoint(self) -> None:
+        if self._restored is not None:
+            shutil.rmtree(self._restored, ignore_errors=True)
+            self._restored = None

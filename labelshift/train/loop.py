@@ -60,7 +60,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
 def endless_batches(dataset: Dataset, sampler: GlobalBatchSampler, start_step: int, num_workers: int) -> Iterator[dict]:
     """Batches forever, starting at global step ``start_step`` (epochs advance the dataset's augmentation seed)."""
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=False)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=torch.cuda.is_available())
     epoch, offset = divmod(start_step, sampler.steps_per_epoch)
     while True:
         sampler.set_position(epoch, offset)
@@ -101,6 +101,7 @@ def _restore(ctx: TrainContext, model: nn.Module, optimizer: torch.optim.Optimiz
     if checkpoint_dir is None:
         return 0
     state = torch.load(Path(checkpoint_dir) / CHECKPOINT_STATE, map_location=ctx.device, weights_only=True)
+    ctx.release_checkpoint()
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     return int(state["step"])
