@@ -58,11 +58,11 @@ def test_equal_priors_leave_logits_unchanged():
 
 
 def test_adjusting_there_and_back_is_the_identity():
-    logits = torch.randn(2, 19, 6, 5) * 5
+    logits = torch.randn(2, 19, 6, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 5
     source, target = preset("gta5_source_image_counts"), preset("cityscapes_from_gta5_modified_aspp")
     there = adjust_logits(logits, source, target)
     back = adjust_logits(there, target, source)
-    torch.testing.assert_close(back, logits, atol=1e-6, rtol=0)
+    torch.testing.assert_close(back, logits, atol=1e-12, rtol=0)  # float64: exact up to rounding
     assert not torch.allclose(there, logits, atol=1e-3)
 
 
@@ -163,3 +163,15 @@ def test_cr_loss_on_pixel_rows():
     loss = logit_adjusted_cross_entropy(logits, labels, prior_a, prior_b)
     shifted = logits + torch.from_numpy(prior_a.log_probs() - prior_b.log_probs()).float()
     assert loss.item() == pytest.approx(F.cross_entropy(shifted, labels, ignore_index=255).item(), abs=1e-6)
+
+
+def test_the_adjustment_follows_the_logits_device():
+    """The (K,) offset is built on the logits' device: a meta tensor (no data, any device semantics) stays meta,
+    and on CUDA, when there is one, the result equals the CPU result."""
+    source, target = np.full(19, 1 / 19), np.linspace(1, 2, 19) / np.linspace(1, 2, 19).sum()
+    meta = adjust_logits(torch.empty(2, 19, 4, 4, device="meta", dtype=torch.bfloat16), source, target)
+    assert meta.device.type == "meta" and meta.dtype == torch.bfloat16 and meta.shape == (2, 19, 4, 4)
+    if torch.cuda.is_available():
+        logits = torch.randn(2, 19, 4, 4)
+        torch.testing.assert_close(adjust_logits(logits.cuda(), source, target).cpu(),
+                                   adjust_logits(logits, source, target))
