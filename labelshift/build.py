@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from labelshift.classes import ClassSet, get_class_set
-from labelshift.config import DatasetConfig, ExperimentConfig
+from labelshift.config import ConfigError, DatasetConfig, ExperimentConfig
 from labelshift.models import create_model, load_checkpoint
 
 
@@ -67,7 +67,7 @@ def build_split(cfg: ExperimentConfig, which: str, *, train: bool, with_labels: 
 
     ds_cfg: DatasetConfig | None = getattr(cfg.data, which)
     if ds_cfg is None:
-        raise ValueError(f"the configuration has no data.{which} split")
+        raise ConfigError(f"the configuration has no data.{which} split")
     domain = "source" if which.startswith("source") else "target"
     transform = build_transforms_for(cfg.data, domain, train)
     return build_dataset(ds_cfg, class_set_of(cfg), transform, with_labels=with_labels, seed=seed,

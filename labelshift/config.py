@@ -199,7 +199,8 @@ class EvalConfig(_Strict):
     batch_size: PositiveInt = 4
     flip: bool = False
     scales: tuple[PositiveFloat, ...] = Field((1.0,), min_length=1)
-    subset: tuple[str, ...] | None = None  # mIoU over these classes too; None: the 13 of mIoU* for synthia16
+    subset: tuple[str, ...] | None = None  # also report mIoU over these classes (miou_subset); synthia16 runs
+    # always report mIoU* over the published 13 classes (miou_13) as well
 
 
 class ExperimentConfig(_Strict):
@@ -297,9 +298,10 @@ def _format_errors(err: ValidationError, source: str, overrides: dict[str, str])
         elif not isinstance(e.get("input"), dict):  # a section's whole input says nothing
             message += f" (got {e.get('input')!r})"
         line = f"  {key}: {message}" if key else f"  {message}"
-        origin = next((item for dotted, item in overrides.items() if key == dotted or key.startswith(dotted + ".")),
-                      None)
-        lines.append(line + (f" [from the override {origin!r}]" if origin else ""))
+        origins = [item for dotted, item in overrides.items()
+                   if not key or key == dotted or key.startswith(dotted + ".") or dotted.startswith(key + ".")]
+        lines.append(line + (f" [from the override{'s' if len(origins) > 1 else ''} "
+                             f"{', '.join(repr(o) for o in origins)}]" if origins else ""))
     return "\n".join(lines)
 
 

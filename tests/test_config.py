@@ -54,6 +54,10 @@ def test_errors_name_the_override_that_set_the_key():
         load_config(CONFIGS / "demo.yaml", ["model.nme=small"])
     assert ("  model.nme: unknown key; expected one of ['checkpoint', 'frozen_bn', 'name', 'pretrained', 'width']; "
             "did you mean 'name'? [from the override 'model.nme=small']") in str(err.value)
+    with pytest.raises(ConfigError) as err:  # a whole-section check still points at the override inside it
+        load_config(CONFIGS / "demo.yaml", ["data.world.num_source=0", "eval.flip=true"])
+    assert str(err.value).endswith("  data.world: num_source must be at least 1, got 0 "
+                                   "[from the override 'data.world.num_source=0']")
 
 
 @pytest.mark.parametrize("override, expected", [

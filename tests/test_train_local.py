@@ -116,6 +116,13 @@ def test_pipeline_runs_skips_and_reruns_what_changed(tiny_cfg, tmp_path):
         Pipeline(tiny_cfg(out=tmp_path / "other"), LocalTrainRunner(tmp_path / "other" / "train"), Tracker(),
                  log=logs.append).run(("refine",))
 
+    # a stage further up changed (pretrain re-ran): running only a downstream stage must not use stale priors
+    manifest_path = out / "stages" / "pretrain" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "commit": "a-later-pretrain-run"}))
+    with pytest.raises(RuntimeError, match="stage 'refine' needs the outputs of stage 'estimate'"):  # the stale link
+        Pipeline(changed, LocalTrainRunner(out / "train"), Tracker(), log=logs.append).run(("evaluate_refined",))
+
 
 def test_cross_entropy_is_finite_when_every_pixel_is_ignored():
     from labelshift.train.stages import cross_entropy_over_valid_pixels

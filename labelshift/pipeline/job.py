@@ -16,7 +16,8 @@ import torch
 from labelshift.build import build_model, class_set_of, eval_loader
 from labelshift.calibrate import Calibration
 from labelshift.models import checkpoint_sha256
-from labelshift.config import PIPELINE_STAGES, ExperimentConfig, dump_config
+from labelshift.models.checkpoint import CheckpointError
+from labelshift.config import PIPELINE_STAGES, ConfigError, ExperimentConfig, dump_config
 from labelshift.pipeline.manifest import StageDir, fingerprint, write_json_atomic
 from labelshift.pipeline.report import format_summary, summary_rows
 from labelshift.priors import ClassPrior
@@ -66,21 +67,24 @@ class Pipeline:
 
     def _upstream_inputs(self, name: str) -> dict:
         """The commit ids of the upstream outputs ``name`` consumes (the adapted model's sha256 when it is a
-        given checkpoint rather than the pretrain stage's); a missing upstream stage is an error naming it."""
+        given checkpoint rather than the pretrain stage's). Every upstream stage must itself be up to date, all
+        the way up; one that is not is an error naming it."""
         inputs = {}
         for upstream in STAGE_INPUTS[name][1]:
             if upstream == "pretrain" and self.adapted_model_path() != self.model_path("pretrain"):
-                inputs["adapted_model_sha256"] = self._adapted_model_sha256()
+                inputs["adapted_model_sha256"] = self.adapted_model_sha256()
                 continue
             stage = StageDir(self.stages_root, upstream, self.fingerprints[upstream])
-            if not stage.is_complete():
+            if not stage.is_complete(self._upstream_inputs(upstream)):
                 raise RuntimeError(f"stage {name!r} needs the outputs of stage {upstream!r}, and "
-                                   f"{stage.final} is missing, incomplete or from another configuration: "
-                                   f"run {upstream!r} first (e.g. --stages {upstream},{name})")
-            inputs[upstream] = stage.manifest()["commit"]
+                                   f"{stage.final} is missing, incomplete, from another configuration or built "
+                                   f"from outputs that have changed since: run {upstream!r} first "
+                                   f"(e.g. --stages {upstream},{name})")
+            inputs[upstream] = stage.manifest().get("commit")  # None: written before commit ids existed
         return inputs
 
-    def _adapted_model_sha256(self) -> str:
+    def adapted_model_sha256(self) -> str:
+        """sha256 of the adapted model file (computed once per job)."""
         if self._adapted_sha256 is None:
             self._adapted_sha256 = checkpoint_sha256(self.adapted_model_path())
         return self._adapted_sha256
@@ -140,8 +144,11 @@ class Pipeline:
         if self.cfg.data.world is not None or "pretrain" in self.cfg.stages:
             return self.model_path("pretrain")
         if not self.cfg.model.checkpoint:
-            raise ValueError("no adapted model: set model.checkpoint (e.g. a FADA checkpoint) or run 'pretrain'")
-        return Path(self.cfg.model.checkpoint)
+            raise ConfigError("no adapted model: set model.checkpoint (e.g. a FADA checkpoint) or run 'pretrain'")
+        path = Path(self.cfg.model.checkpoint)
+        if not path.is_file():
+            raise CheckpointError(f"model.checkpoint {path} does not exist (the adapted model every stage starts from)")
+        return path
 
     def load(self, stage: str | None = None) -> torch.nn.Module:
         path = self.adapted_model_path() if stage is None else self.model_path(stage)

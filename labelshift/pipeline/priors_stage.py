@@ -146,11 +146,11 @@ def needs_source_validation(methods: Iterable[str], calibration_method: str) -> 
 
 
 def estimate_target_priors(cfg: ExperimentConfig, model: nn.Module, checkpoint: str | Path, *,
-                           device: torch.device, methods: tuple[str, ...], with_oracle: bool,
-                           seed: int) -> PriorEstimation:
+                           device: torch.device, methods: tuple[str, ...], with_oracle: bool, seed: int,
+                           checkpoint_hash: str | None = None) -> PriorEstimation:
     """Source priors, calibration on source val (only when a method needs it), and every estimator in
-    ``methods`` in one pass over target train. Estimates record the checkpoint (path and sha256), the target
-    dataset and split, and the calibration in their provenance."""
+    ``methods`` in one pass over target train. Estimates record the checkpoint (path and sha256, computed
+    unless ``checkpoint_hash`` is given), the target dataset and split, and the calibration in their provenance."""
     from labelshift.build import class_set_of
 
     class_names = class_set_of(cfg).names
@@ -170,7 +170,7 @@ def estimate_target_priors(cfg: ExperimentConfig, model: nn.Module, checkpoint: 
         presence_threshold=prior_cfg.presence_threshold, bootstrap=prior_cfg.bootstrap, seed=seed,
         class_names=class_names)
     target = cfg.data.target
-    provenance = {"checkpoint": str(checkpoint), "checkpoint_sha256": checkpoint_sha256(checkpoint),
+    provenance = {"checkpoint": str(checkpoint), "checkpoint_sha256": checkpoint_hash or checkpoint_sha256(checkpoint),
                   "dataset": target.kind, "root": target.root, "split": target.split or target.list_file,
                   "calibration": calibration.to_dict()}
     estimates = {method: prior.with_provenance(**provenance) for method, prior in estimates.items()}

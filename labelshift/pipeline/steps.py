@@ -31,10 +31,17 @@ def _train(p: Pipeline, stage: StageDir, train_stage: str, **payload_extra) -> d
     write_json_atomic(stage.partial / CHECKPOINT_INFO, {
         "model": MODEL_FILE, "sha256": checkpoint_sha256(model_path), "bytes": model_path.stat().st_size,
         "training_run": {"name": run_name, "location": p.runner.run_location(run_name)},
-        "initialised_from": payload_extra.get("init_checkpoint")})
+        "initialised_from": _initialisation(p, train_stage, payload_extra.get("init_checkpoint"))})
     return {"steps_run": summary.get("steps_run"), "resumed_from": summary.get("resumed_from"),
             "final_loss": losses[-1][1] if losses else None, "train_seconds": summary.get("seconds"),
             "world_size": summary.get("world_size")}
+
+
+def _initialisation(p: Pipeline, train_stage: str, init_checkpoint: str | None) -> str | None:
+    """What the trained model started from: a checkpoint, or for a fresh student its pretrained weights."""
+    if train_stage == "distill" and p.cfg.train.distill.init == "fresh":
+        return p.cfg.train.distill.student_pretrained
+    return init_checkpoint
 
 
 def pretrain(p: Pipeline) -> None:
@@ -66,7 +73,8 @@ def estimate(p: Pipeline) -> None:
     def body(stage, partial):
         methods = tuple(dict.fromkeys((prior_cfg.method, *PIXEL_METHODS, *IMAGE_METHODS)))
         found = estimate_target_priors(p.cfg, p.load(), p.adapted_model_path(), device=p.device, methods=methods,
-                                       with_oracle=prior_cfg.oracle, seed=p.cfg.train.source.seed)
+                                       with_oracle=prior_cfg.oracle, seed=p.cfg.train.source.seed,
+                                       checkpoint_hash=p.adapted_model_sha256())
         outputs = {"source_pixel": found.source_pixel, "source_image": found.source_image,
                    "source_calibrated": found.calibrated_source,
                    **{f"estimate_{m}": e for m, e in found.estimates.items()}}
@@ -75,7 +83,8 @@ def estimate(p: Pipeline) -> None:
         outputs["target"] = chosen
         metrics = {"calibration_temperature": found.calibration.temperature}
         if found.oracle is not None:
-            oracle_meta = {"dataset": p.cfg.data.target.kind, "split": p.cfg.data.target.split,
+            oracle_meta = {"dataset": p.cfg.data.target.kind,
+                           "split": p.cfg.data.target.split or p.cfg.data.target.list_file,
                            "note": "oracle, evaluation only"}
             outputs["oracle_pixel"] = found.oracle.pixel_prior(**oracle_meta)
             outputs["oracle_image"] = found.oracle.image_prior(**oracle_meta)

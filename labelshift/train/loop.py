@@ -58,9 +58,11 @@ class GlobalBatchSampler(Sampler[list[int]]):
             yield order[start:start + self.per_rank].tolist()
 
 
-def endless_batches(dataset: Dataset, sampler: GlobalBatchSampler, start_step: int, num_workers: int) -> Iterator[dict]:
-    """Batches forever, starting at global step ``start_step`` (epochs advance the dataset's augmentation seed)."""
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=torch.cuda.is_available())
+def endless_batches(dataset: Dataset, sampler: GlobalBatchSampler, start_step: int, num_workers: int,
+                    pin_memory: bool = False) -> Iterator[dict]:
+    """Batches forever, starting at global step ``start_step`` (epochs advance the dataset's augmentation seed).
+    ``pin_memory``: page-locked batches for faster host-to-GPU copies (training on CUDA)."""
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory)
     epoch, offset = divmod(start_step, sampler.steps_per_epoch)
     while True:
         sampler.set_position(epoch, offset)

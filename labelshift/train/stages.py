@@ -118,7 +118,8 @@ def run_stage(payload: dict, ctx: TrainContext) -> dict:
 
     result = run_loop(
         ctx, model=model, optimizer=optimizer,
-        make_batches=lambda start: endless_batches(dataset, sampler, start, cfg.data.num_workers),
+        make_batches=lambda start: endless_batches(dataset, sampler, start, cfg.data.num_workers,
+                                                   pin_memory=ctx.device.type == "cuda"),
         compute_loss=lambda batch: _segmentation_loss(forward, batch, ctx.device, amp, loss_of_logits),
         optim=optim, save_final=save_final)
     return {"stage": stage, "steps_run": result.steps_run, "resumed_from": result.resumed_from,
