@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    cwd = Path.cwd()
+    if "working_dir_files" in cwd.parts and Path(cfg.output_dir).is_relative_to(cwd):
+        print(f"warning: output_dir resolves to {cfg.output_dir}, inside the temporary copy `ray job submit "
+              "--working-dir` made of the code; pass an absolute output_dir (and tracking.tracking_uri) to keep "
+              "the results", file=sys.stderr)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Inside `ray job submit`, RAY_ADDRESS names the cluster. Otherwise start a fresh local instance ("local"),
     # never attach to whatever cluster /tmp/ray last recorded.
