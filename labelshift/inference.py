@@ -2,8 +2,8 @@
 
 ``predict`` resizes images to the model input (``input_size``; loaders built from a config already do),
 runs the model (optionally over flips and scales) and upsamples the logits to the label size (full resolution
-for evaluation), averaging the views. Batches whose labels differ in size (``collate_eval`` pads them with the
-ignore index) are upsampled image by image. The device is always passed in.
+for evaluation), averaging the views. In batches whose labels differ in size (``collate_eval`` pads them with
+the ignore index) each image's logits are upsampled to its own label size. The device is always passed in.
 """
 from __future__ import annotations
 
@@ -30,11 +30,14 @@ def autocast_for(device: torch.device, amp_dtype: torch.dtype | None):
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, output_size: tuple[int, int], *, device: torch.device,
             flip: bool = False, scales: tuple[float, ...] = (1.0,), amp_dtype: torch.dtype | None = None,
-            input_size: tuple[int, int] | None = None) -> torch.Tensor:
+            input_size: tuple[int, int] | None = None,
+            row_sizes: list[tuple[int, int]] | None = None) -> torch.Tensor:
     """images: (N, 3, h, w) normalised -> logits (N, K, H, W) float32 at ``output_size`` = (H, W).
 
-    ``input_size`` (height, width): resize the images to the model input first (bilinear). With several
-    scales or ``flip``, the upsampled logits of every view are averaged.
+    ``input_size`` (height, width): resize the images to the model input first (bilinear). ``row_sizes``: the
+    (height, width) of each image's own label when they differ: each row is upsampled to its size and
+    zero-padded to ``output_size``. With several scales or ``flip``, the upsampled logits of every view are
+    averaged; the model runs once per view for the whole batch.
     """
     images = images.to(device, non_blocking=True)
     if input_size is not None and tuple(images.shape[-2:]) != tuple(input_size):
@@ -50,11 +53,24 @@ def predict(model: nn.Module, images: torch.Tensor, output_size: tuple[int, int]
             batch = scaled.flip(-1) if flipped else scaled
             with autocast_for(device, amp_dtype):
                 logits = model(batch)
-            logits = upsample_logits(logits.float(), output_size)
-            logits = logits.flip(-1) if flipped else logits
+            logits = _upsample_rows(logits.float(), output_size, row_sizes, flipped)
             total = logits if total is None else total + logits
             views += 1
     return total / views
+
+
+def _upsample_rows(logits: torch.Tensor, output_size: tuple[int, int], row_sizes: list[tuple[int, int]] | None,
+                   flipped: bool) -> torch.Tensor:
+    """Logits upsampled to ``output_size`` (or each row to its own size, zero-padded), un-flipped if needed."""
+    if row_sizes is None:
+        logits = upsample_logits(logits, output_size)
+        return logits.flip(-1) if flipped else logits
+    rows = []
+    for row, (height, width) in zip(logits, row_sizes):
+        upsampled = upsample_logits(row[None], (height, width))
+        upsampled = upsampled.flip(-1) if flipped else upsampled
+        rows.append(F.pad(upsampled, (0, output_size[1] - width, 0, output_size[0] - height)))
+    return torch.cat(rows)
 
 
 def iterate_predictions(model: nn.Module, loader: Iterable[dict], *, device: torch.device, flip: bool = False,
@@ -70,22 +86,11 @@ def iterate_predictions(model: nn.Module, loader: Iterable[dict], *, device: tor
         labels = batch.get("label")
         if labels is None or not at_label_size:
             logits = predict(model, batch["image"], tuple(batch["image"].shape[-2:]), **options)
-        elif "label_size" in batch and len({tuple(size) for size in batch["label_size"].tolist()}) > 1:
-            logits = _predict_padded(model, batch["image"], batch["label_size"].tolist(), tuple(labels.shape[-2:]),
-                                     **options)
         else:
-            logits = predict(model, batch["image"], tuple(labels.shape[-2:]), **options)
+            sizes = [tuple(size) for size in batch["label_size"].tolist()] if "label_size" in batch else []
+            logits = predict(model, batch["image"], tuple(labels.shape[-2:]), **options,
+                             row_sizes=sizes if len(set(sizes)) > 1 else None)
         yield logits, labels, list(batch["name"])
-
-
-def _predict_padded(model: nn.Module, images: torch.Tensor, sizes: list[list[int]], padded: tuple[int, int],
-                    **options) -> torch.Tensor:
-    """Logits of each image at its own label size, zero-padded to ``padded`` (where its label is ignore)."""
-    rows = []
-    for image, (height, width) in zip(images, sizes):
-        logits = predict(model, image[None], (height, width), **options)
-        rows.append(F.pad(logits, (0, padded[1] - width, 0, padded[0] - height)))
-    return torch.cat(rows)
 
 
 def evaluate(model: nn.Module, loader: Iterable[dict], num_classes: int, *, device: torch.device,

@@ -294,4 +294,3 @@ def test_estimate_prior_passes_the_source_prior_to_the_reference_rule_as_thresho
     np.testing.assert_array_equal(via_source.counts, explicit.counts)
     with pytest.raises(ValueError, match=r"got shape \(2, 5, 6\)"):
         make_estimator("count", NAMES).update(np.ones((2, 5, 6), dtype=np.float32).tolist())
-

@@ -356,4 +356,3 @@ def collate_eval(items: list[dict]) -> dict:
         batch["label"] = labels
         batch["label_size"] = torch.tensor(sizes)
     return batch
-

@@ -15,9 +15,9 @@ import torch
 
 from labelshift.build import build_model, class_set_of, eval_loader
 from labelshift.calibrate import Calibration
+from labelshift.config import PIPELINE_STAGES, ConfigError, ExperimentConfig, dump_config
 from labelshift.models import checkpoint_sha256
 from labelshift.models.checkpoint import CheckpointError
-from labelshift.config import PIPELINE_STAGES, ConfigError, ExperimentConfig, dump_config
 from labelshift.pipeline.manifest import StageDir, fingerprint, write_json_atomic
 from labelshift.pipeline.report import format_summary, summary_rows
 from labelshift.priors import ClassPrior
@@ -74,8 +74,8 @@ class Pipeline:
             if upstream == "pretrain" and self.adapted_model_path() != self.model_path("pretrain"):
                 inputs["adapted_model_sha256"] = self.adapted_model_sha256()
                 continue
-            stage = StageDir(self.stages_root, upstream, self.fingerprints[upstream])
-            if not stage.is_complete(self._upstream_inputs(upstream)):
+            stage = StageDir(self.stages_root, upstream, self.fingerprints[upstream], self._upstream_inputs(upstream))
+            if not stage.is_complete():
                 raise RuntimeError(f"stage {name!r} needs the outputs of stage {upstream!r}, and "
                                    f"{stage.final} is missing, incomplete, from another configuration or built "
                                    f"from outputs that have changed since: run {upstream!r} first "
@@ -90,9 +90,8 @@ class Pipeline:
         return self._adapted_sha256
 
     def _run_stage(self, name: str, body: Callable[[StageDir, Path], tuple[list[str], dict]]) -> dict:
-        inputs = self._upstream_inputs(name)
-        stage = StageDir(self.stages_root, name, self.fingerprints[name], inputs)
-        if stage.is_complete(inputs):
+        stage = StageDir(self.stages_root, name, self.fingerprints[name], self._upstream_inputs(name))
+        if stage.is_complete():
             self.log(f"[{name}] complete (manifest valid): skipped")
             manifest = stage.manifest()
         else:
@@ -101,7 +100,7 @@ class Pipeline:
             with self.tracker.stage(name):
                 outputs, metrics = body(stage, stage.begin())
                 metrics = {**metrics, "seconds": round(time.perf_counter() - began, 2)}
-                manifest = stage.commit(outputs, metrics, {"config": dump_config(self.cfg)}, inputs)
+                manifest = stage.commit(outputs, metrics, {"config": dump_config(self.cfg)})
                 self.tracker.log_metrics(_flat_numbers(metrics))
                 for rel in outputs:
                     if (stage.final / rel).is_file() and not rel.endswith(".safetensors"):
@@ -188,4 +187,3 @@ def _flat_numbers(metrics: dict, prefix: str = "") -> dict[str, float]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             flat[name.replace(" ", "_")] = value
     return flat
-

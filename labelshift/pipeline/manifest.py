@@ -47,12 +47,12 @@ class StageDir:
         except (OSError, json.JSONDecodeError):
             return None
 
-    def is_complete(self, inputs: dict | None = None) -> bool:
-        """Complete, same configuration, outputs present; and, when ``inputs`` is given, built from them."""
+    def is_complete(self) -> bool:
+        """Complete, same configuration, built from ``self.inputs`` (when known), outputs present."""
         manifest = self.manifest()
         if not manifest or manifest.get("status") != "complete" or manifest.get("fingerprint") != self.fingerprint:
             return False
-        if inputs is not None and manifest.get("inputs", {}) != inputs:  # no record: stages without inputs only
+        if self.inputs is not None and manifest.get("inputs", {}) != self.inputs:  # no record: no-input stages only
             return False
         for rel, size in manifest.get("outputs", {}).items():
             path = self.final / rel
@@ -71,10 +71,10 @@ class StageDir:
         """Where an output lives once the stage is complete."""
         return self.final / rel
 
-    def commit(self, outputs: list[str], metrics: dict, extra: dict | None = None, inputs: dict | None = None) -> dict:
+    def commit(self, outputs: list[str], metrics: dict, extra: dict | None = None) -> dict:
         """Record the manifest in ``.partial`` and move it into place."""
         manifest = {"stage": self.name, "status": "complete", "fingerprint": self.fingerprint,
-                    "commit": uuid.uuid4().hex, "inputs": inputs or {},
+                    "commit": uuid.uuid4().hex, "inputs": self.inputs or {},
                     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "metrics": metrics,
                     "outputs": {rel: _size(self.partial / rel) for rel in outputs}, **(extra or {})}
         write_json_atomic(self.partial / MANIFEST, manifest)

@@ -12,7 +12,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from labelshift.build import build_split, eval_loader
+from labelshift.build import build_split, class_set_of, eval_loader
 from labelshift.calibrate import Calibration, fit_calibration
 from labelshift.config import ExperimentConfig
 from labelshift.estimate import make_estimator
@@ -43,8 +43,6 @@ def label_statistics_of(dataset, class_names: tuple[str, ...], num_workers: int 
 def source_priors(cfg: ExperimentConfig) -> tuple[ClassPrior, ClassPrior]:
     """(pixel, image) priors of the source: ``prior.source_prior`` when set (used for both), else the exact
     statistics of the source split's labels."""
-    from labelshift.build import class_set_of
-
     class_set = class_set_of(cfg)
     if cfg.prior.source_prior:
         given = load_prior(cfg.prior.source_prior, class_set)
@@ -151,8 +149,6 @@ def estimate_target_priors(cfg: ExperimentConfig, model: nn.Module, checkpoint: 
     """Source priors, calibration on source val (only when a method needs it), and every estimator in
     ``methods`` in one pass over target train. Estimates record the checkpoint (path and sha256, computed
     unless ``checkpoint_hash`` is given), the target dataset and split, and the calibration in their provenance."""
-    from labelshift.build import class_set_of
-
     class_names = class_set_of(cfg).names
     prior_cfg = cfg.prior
     source_pixel, source_image = source_priors(cfg)
@@ -175,4 +171,3 @@ def estimate_target_priors(cfg: ExperimentConfig, model: nn.Module, checkpoint: 
                   "calibration": calibration.to_dict()}
     estimates = {method: prior.with_provenance(**provenance) for method, prior in estimates.items()}
     return PriorEstimation(source_pixel, source_image, calibration, calibrated, estimates, oracle)
-
