@@ -9,15 +9,19 @@ vector is computed in float64 and cast to the logits' dtype and device.
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from labelshift.classes import IGNORE_INDEX
-from labelshift.priors import ClassPrior, check_compatible, floor_probabilities
+from labelshift.priors import ClassPrior, SourcePriors, check_compatible, floor_probabilities
+
+if TYPE_CHECKING:
+    from labelshift.calibrate import Calibration
 
 PriorLike = Union[ClassPrior, torch.Tensor, np.ndarray, Sequence[float]]
 
@@ -106,3 +110,41 @@ def adjusted_probabilities(logits: torch.Tensor, source_prior: PriorLike, target
     """``softmax(adjust_logits(...))`` along the class dim (``dim`` in ``adjust_kwargs``, default 1)."""
     dim = adjust_kwargs.get("dim", 1)
     return torch.softmax(adjust_logits(logits, source_prior, target_prior, **adjust_kwargs), dim=dim)
+
+
+class AdjustSettings(Protocol):
+    """What :func:`ia_transform` reads of an adjustment config (``labelshift.config.AdjustConfig``)."""
+
+    space: str
+    temperature: float
+    tau_source: float
+    tau_target: float
+
+
+def ia_transform(adjust: AdjustSettings, source_prior: SourcePriors | ClassPrior, target_prior: ClassPrior,
+                 calibration: Calibration | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The one factory of Inference Adjustment: logits (N, K, ...) -> adjusted logits, deciding once which
+    source prior, which space and which temperature apply.
+
+    ``adjust.space == "raw"`` (or an image-kind target): ``z/T − τ_s·log π_s + τ_t·log π_t`` with π_s the source
+    prior of the target's kind and T = ``adjust.temperature``. ``"calibrated"`` with a pixel target: IA in the
+    calibration's space, ``z/T_cal + b − log π_cal + log π_t`` written as ``z/T_cal − log(π_cal·e^(−b)) +
+    log π_t``, where π_cal (``source_prior.calibrated``) is the prior the calibrated posteriors hold under.
+    ``source_prior``: :class:`SourcePriors`, or one ClassPrior used whatever the target's kind (in the
+    calibrated space: the prior of the calibrated posteriors).
+    """
+    if adjust.space not in ("raw", "calibrated"):
+        raise ValueError(f"adjust.space must be 'raw' or 'calibrated', got {adjust.space!r}")
+    temperature = adjust.temperature
+    if adjust.space == "calibrated" and target_prior.kind == "pixel":
+        if calibration is None:
+            raise ValueError("IA in the calibrated space needs the calibration (adjust.space: calibrated)")
+        calibrated = source_prior.calibrated if isinstance(source_prior, SourcePriors) else source_prior
+        if calibrated is None:
+            raise ValueError("IA in the calibrated space needs the prior of the calibrated posteriors")
+        source = calibration.effective_source_prior(calibrated)
+        temperature = calibration.temperature
+    else:
+        source = source_prior.of_kind(target_prior.kind) if isinstance(source_prior, SourcePriors) else source_prior
+    return functools.partial(adjust_logits, source_prior=source, target_prior=target_prior, temperature=temperature,
+                             tau_source=adjust.tau_source, tau_target=adjust.tau_target)

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, Literal
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from labelshift.classes import ClassSet, get_class_set
-from labelshift.config import ConfigError, DatasetConfig, ExperimentConfig
+from labelshift.config import ConfigError, DataConfig, DatasetConfig, ExperimentConfig
+from labelshift.data import CityscapesDataset, GTA5Dataset, SynthiaDataset, build_transforms
+from labelshift.data.io import SegmentationFileDataset, Transform, collate_eval
+from labelshift.data.transforms import SegmentationTransform
 from labelshift.models import create_model, load_checkpoint
 
 
@@ -56,6 +60,45 @@ def eval_subsets(cfg: ExperimentConfig) -> dict[str, list[int]]:
     return subsets
 
 
+def build_dataset(ds_cfg: DatasetConfig, class_set: ClassSet, transform: Transform, with_labels: bool = True,
+                  seed: int = 0, pseudo_label_dir: str | Path | None = None) -> SegmentationFileDataset:
+    """The dataset ``ds_cfg`` describes (``kind`` gta5 | synthia | cityscapes).
+
+    Cityscapes uses ``ds_cfg.split`` (default ``"train"``) and, when given, ``pseudo_label_dir``.
+    GTA5/SYNTHIA select images with ``ds_cfg.list_file``, or with ``ds_cfg.split`` read as a list file when no
+    ``list_file`` is given.
+    """
+    if ds_cfg.kind == "cityscapes":
+        return CityscapesDataset(ds_cfg.root, ds_cfg.split or "train", transform, class_set=class_set,
+                                 with_labels=with_labels, pseudo_label_dir=pseudo_label_dir,
+                                 list_file=ds_cfg.list_file, seed=seed)
+    if pseudo_label_dir is not None:
+        raise ValueError(f"pseudo_label_dir is for Cityscapes targets, not for a {ds_cfg.kind} dataset")
+    list_file = ds_cfg.list_file or ds_cfg.split
+    if ds_cfg.kind == "gta5":
+        return GTA5Dataset(ds_cfg.root, transform, list_file=list_file, with_labels=with_labels,
+                           class_set=class_set, seed=seed)
+    if ds_cfg.kind == "synthia":
+        return SynthiaDataset(ds_cfg.root, transform, list_file=list_file, with_labels=with_labels,
+                              class_set=class_set, seed=seed)
+    raise ValueError(f"unknown dataset kind {ds_cfg.kind!r}; known: ['cityscapes', 'gta5', 'synthia']")
+
+
+def build_transforms_for(data_cfg: DataConfig, domain: Literal["source", "target"], train: bool,
+                         keep_label_size: bool | None = None) -> SegmentationTransform:
+    """The transform for ``domain`` images: resize to the domain's ``size``; when ``train``, add its
+    crop, scale range, flip and colour jitter. ``keep_label_size`` defaults to ``not train``
+    (evaluation is at full label resolution)."""
+    if domain not in ("source", "target"):
+        raise ValueError(f"domain must be 'source' or 'target', got {domain!r}")
+    aug = data_cfg.source_transform if domain == "source" else data_cfg.target_transform
+    if not train:
+        return build_transforms(train=False, size=aug.size, mean=data_cfg.mean, std=data_cfg.std,
+                                keep_label_size=True if keep_label_size is None else keep_label_size)
+    return build_transforms(train=True, size=aug.size, crop_size=aug.crop_size, scale_range=aug.scale_range,
+                            flip=aug.flip, color_jitter=aug.color_jitter, mean=data_cfg.mean, std=data_cfg.std,
+                            keep_label_size=bool(keep_label_size))
+
 def build_split(cfg: ExperimentConfig, which: str, *, train: bool, with_labels: bool = True,
                 pseudo_label_dir: str | None = None, seed: int = 0):
     """A dataset of the experiment: ``which`` in source | source_val | target | target_val.
@@ -63,8 +106,6 @@ def build_split(cfg: ExperimentConfig, which: str, *, train: bool, with_labels: 
     Training transforms (crop, scale, flip, jitter) when ``train``; else resize to the model input with the
     label kept at full resolution.
     """
-    from labelshift.data import build_dataset, build_transforms_for
-
     ds_cfg: DatasetConfig | None = getattr(cfg.data, which)
     if ds_cfg is None:
         raise ConfigError(f"the configuration has no data.{which} split")
@@ -78,8 +119,6 @@ def eval_loader(cfg: ExperimentConfig, which: str, *, with_labels: bool = True, 
     dataset = build_split(cfg, which, train=False, with_labels=with_labels)
     if max_images is not None and max_images < len(dataset):
         dataset = torch.utils.data.Subset(dataset, range(max_images))
-    from labelshift.data.io import collate_eval
-
     return DataLoader(dataset, batch_size=cfg.eval.batch_size, shuffle=False, num_workers=cfg.data.num_workers,
                       collate_fn=collate_eval)
 
@@ -87,3 +126,22 @@ def eval_loader(cfg: ExperimentConfig, which: str, *, with_labels: bool = True, 
 def world_root_of(cfg: ExperimentConfig) -> Path:
     """The embedded world lives one level above the source root (``<world>/gta5``, ``<world>/cityscapes``)."""
     return Path(cfg.data.source.root).parent
+
+
+def amp_dtype_of(cfg: ExperimentConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 for evaluation passes on CUDA when ``eval.amp_bf16`` (as training does), else None (fp32)."""
+    return torch.bfloat16 if cfg.eval.amp_bf16 and device.type == "cuda" else None
+
+
+def ensure_world(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Path | None:
+    """Generate the configured embedded world (a no-op when the same world is already there; replaced when it
+    differs); returns its root, or None when the config reads datasets from disk."""
+    if cfg.data.world is None:
+        return None
+    from labelshift.data.world import generate_world, read_world_manifest
+
+    root = world_root_of(cfg)
+    if read_world_manifest(root) is None:
+        log(f"[world] generating the embedded world in {root}")
+    generate_world(root, **cfg.data.world.model_dump(exclude_none=True), overwrite=True)
+    return root

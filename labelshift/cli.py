@@ -15,6 +15,7 @@ import torch
 
 from labelshift.config import ConfigError
 from labelshift.data.io import DatasetError
+from labelshift.estimate.registry import METHODS
 from labelshift.models.checkpoint import CheckpointError
 from labelshift.priors import PriorError
 
@@ -34,7 +35,7 @@ def _common(parser: argparse.ArgumentParser, checkpoint: bool = True) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """One-process training of a stage (source-only by default) on the configured data."""
     from labelshift.config import load_config
-    from labelshift.pipeline import LocalTrainRunner
+    from labelshift.runners import LocalTrainRunner
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out)
@@ -59,30 +60,39 @@ def format_iou_table(class_names, summary: dict) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from labelshift.adjust import adjust_logits
-    from labelshift.build import build_model, class_set_of, eval_loader, eval_subsets
-    from labelshift.config import load_config
+    from labelshift.adjust import ia_transform
+    from labelshift.atomic import write_json_atomic
+    from labelshift.build import amp_dtype_of, build_model, class_set_of, eval_loader, eval_subsets
+    from labelshift.calibrate import Calibration
+    from labelshift.config import AdjustConfig, load_config
     from labelshift.inference import evaluate
-    from labelshift.priors import load_prior, write_json_atomic
+    from labelshift.priors import load_prior
 
     cfg = load_config(args.config, args.overrides)
     class_set = class_set_of(cfg)
     device = torch.device(args.device)
     transform = None
     priors = {}
+    adjust = None
     if args.adjust == "ia":
         if not (args.source_prior and args.target_prior):
             raise UsageError("--adjust ia needs --source-prior and --target-prior (preset names or JSON files)")
+        if args.space == "calibrated" and not args.calibration:
+            raise UsageError("--space calibrated needs --calibration (the calibration JSON estimate-prior wrote); "
+                             "--source-prior is then the prior of the calibrated posteriors (*_source_calibrated.json)")
         priors = {"source_prior": load_prior(args.source_prior, class_set),
                   "target_prior": load_prior(args.target_prior, class_set)}
-        transform = functools.partial(adjust_logits, **priors, temperature=args.temperature,
-                                      tau_source=args.tau_source, tau_target=args.tau_target)
+        adjust = AdjustConfig(space=args.space, temperature=args.temperature, tau_source=args.tau_source,
+                              tau_target=args.tau_target)
+        calibration = Calibration.from_dict(json.loads(Path(args.calibration).read_text())) if args.calibration else None
+        transform = ia_transform(adjust, priors["source_prior"], priors["target_prior"], calibration)
     model = build_model(cfg, args.checkpoint).to(device).eval()
     matrix = evaluate(model, eval_loader(cfg, args.split), class_set.num_classes, device=device,
-                      logit_transforms={args.adjust: transform}, flip=cfg.eval.flip, scales=cfg.eval.scales)[args.adjust]
+                      logit_transforms={args.adjust: transform}, flip=cfg.eval.flip, scales=cfg.eval.scales,
+                      amp_dtype=amp_dtype_of(cfg, device))[args.adjust]
     summary = {"checkpoint": str(Path(args.checkpoint).resolve()), "split": args.split, "adjust": args.adjust,
-               **({"temperature": args.temperature, "tau_source": args.tau_source, "tau_target": args.tau_target,
-                   **{role: prior.to_dict() for role, prior in priors.items()}} if priors else {}),
+               **({**adjust.model_dump(), **({"calibration": args.calibration} if args.calibration else {}),
+                   **{role: prior.to_dict() for role, prior in priors.items()}} if adjust else {}),
                **matrix.to_dict(class_set.names, eval_subsets(cfg))}
     print(format_iou_table(class_set.names, summary))
     out = Path(args.out) if args.out else Path(cfg.output_dir) / "eval" / f"{args.split}_{args.adjust}.json"
@@ -92,10 +102,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_source_stats(args: argparse.Namespace) -> int:
+    from labelshift.build import build_dataset
     from labelshift.classes import get_class_set
     from labelshift.config import DatasetConfig
-    from labelshift.data import build_dataset, build_transforms
-    from labelshift.pipeline.priors_stage import label_statistics_of
+    from labelshift.data import build_transforms
+    from labelshift.estimate import label_statistics_of
 
     class_set = get_class_set(args.class_set or ("synthia16" if args.dataset == "synthia" else "cityscapes19"))
     ds_cfg = DatasetConfig(kind=args.dataset, root=args.root, split=args.split, list_file=args.list_file)
@@ -112,28 +123,35 @@ def cmd_source_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_estimate_prior(args: argparse.Namespace) -> int:
+    from labelshift.atomic import write_json_atomic
     from labelshift.build import build_model
     from labelshift.config import load_config
-    from labelshift.pipeline.priors_stage import IMAGE_METHODS, estimate_target_priors
-    from labelshift.priors import write_json_atomic
+    from labelshift.estimate.from_config import estimate_target_priors
 
-    cfg = load_config(args.config, [f"prior.method={args.method}", *args.overrides])
+    overrides = [f"prior.method={args.method}", *([f"prior.seed={args.seed}"] if args.seed is not None else []),
+                 *args.overrides]
+    cfg = load_config(args.config, overrides)
     device = torch.device(args.device)
     model = build_model(cfg, args.checkpoint).to(device).eval()
     found = estimate_target_priors(cfg, model, args.checkpoint, device=device, methods=(args.method,),
-                                   with_oracle=False, seed=args.seed)
+                                   with_oracle=False)
     estimate = found.estimates[args.method]
     out = Path(args.out)
-    source_out = out.with_name(f"{out.stem}_source{out.suffix}")
-    calibration_out = out.with_name(f"{out.stem}_calibration{out.suffix}")
+    beside = {suffix: out.with_name(f"{out.stem}_{suffix}{out.suffix}")
+              for suffix in ("source", "source_calibrated", "calibration")}
     estimate.to_json(out)
-    (found.source_image if args.method in IMAGE_METHODS else found.source_pixel).to_json(source_out)
-    write_json_atomic(calibration_out, found.calibration.to_dict())
+    found.source.of_kind(estimate.kind).to_json(beside["source"])
+    found.source.calibrated.to_json(beside["source_calibrated"])
+    write_json_atomic(beside["calibration"], found.calibration.to_dict())
     print(estimate)
-    print(f"prior written to {out}; the source prior of the same kind to {source_out}; "
-          f"the calibration to {calibration_out}")
+    print(f"prior written to {out}; the source prior of the same kind to {beside['source']}; the prior of the "
+          f"calibrated posteriors to {beside['source_calibrated']}; the calibration to {beside['calibration']}")
     print(f"IA with it: labelshift evaluate --config {args.config} --checkpoint {args.checkpoint} --adjust ia "
-          f"--source-prior {source_out} --target-prior {out}")
+          f"--source-prior {beside['source']} --target-prior {out}")
+    if estimate.kind == "pixel" and found.calibration.method != "none":
+        print(f"IA in the calibrated space: labelshift evaluate --config {args.config} --checkpoint "
+              f"{args.checkpoint} --adjust ia --space calibrated --calibration {beside['calibration']} "
+              f"--source-prior {beside['source_calibrated']} --target-prior {out}")
     return 0
 
 
@@ -141,9 +159,10 @@ def cmd_make_splits(args: argparse.Namespace) -> int:
     """A seeded train/val split of a GTA5 or SYNTHIA directory: ``<root>/splits/{train,val}.txt``."""
     import numpy as np
 
+    from labelshift.build import build_dataset
     from labelshift.classes import get_class_set
     from labelshift.config import DatasetConfig
-    from labelshift.data import build_dataset, build_transforms
+    from labelshift.data import build_transforms
 
     class_set = get_class_set("synthia16" if args.dataset == "synthia" else "cityscapes19")
     dataset = build_dataset(DatasetConfig(kind=args.dataset, root=args.root), class_set,
@@ -177,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(ev)
     ev.add_argument("--split", default="target_val", choices=("source", "source_val", "target", "target_val"))
     ev.add_argument("--adjust", default="none", choices=("none", "ia"))
+    ev.add_argument("--space", default="raw", choices=("raw", "calibrated"),
+                    help="IA on raw logits (the paper), or in the calibration's space (needs --calibration)")
+    ev.add_argument("--calibration", default=None, help="calibration JSON (estimate-prior writes *_calibration.json)")
     ev.add_argument("--source-prior", default=None)
     ev.add_argument("--target-prior", default=None)
     ev.add_argument("--temperature", type=float, default=1.0)
@@ -197,8 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     est = sub.add_parser("estimate-prior", help="estimate the target prior with a model (one process)")
     _common(est)
-    est.add_argument("--method", default="em", choices=("reference", "count", "soft_count", "presence", "em", "bbse"))
-    est.add_argument("--seed", type=int, default=0, help="seed of the pixel samples and the bootstrap")
+    est.add_argument("--method", default="em", choices=METHODS)
+    est.add_argument("--seed", type=int, default=None,
+                     help="seed of the pixel samples and the bootstrap (default: the config's prior.seed)")
     est.add_argument("--out", required=True, help="prior JSON (the source prior and calibration go beside it)")
     est.set_defaults(func=cmd_estimate_prior)
 

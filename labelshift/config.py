@@ -49,7 +49,7 @@ class WorldConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_knobs(self) -> "WorldConfig":
-        from labelshift.data.world import make_knobs
+        from labelshift.world_knobs import make_knobs
 
         make_knobs(**self.model_dump(exclude_none=True))  # the generator's own ranges, reported under data.world
         return self
@@ -142,7 +142,6 @@ class DistillConfig(OptimConfig):
     init: Literal["fresh", "adapted"] = "fresh"
     student_pretrained: str | None = None  # fresh student: None | "imagenet" | path to a backbone file
     student_frozen_bn: bool = False
-    confidence_threshold: float = Field(0.0, ge=0.0, lt=1.0)
     sync_bn: bool = False
 
 
@@ -168,8 +167,10 @@ class AdjustConfig(_Strict):
 
 
 class PriorConfig(_Strict):
-    method: Literal["reference", "count", "soft_count", "presence", "em", "bbse"] = "em"
-    kind: Literal["pixel", "image"] = "pixel"
+    """The target prior: ``method`` is a registered estimator (its kind, pixel or image, follows from it);
+    ``seed`` seeds the estimators' pixel samples, the calibration sample and the bootstrap."""
+
+    method: str = "em"
     calibration: Literal["none", "temperature", "bcts"] = "bcts"
     source_prior: str | None = None  # preset name or JSON path; None: exact statistics of the source split
     target_prior: str | None = None  # preset name or JSON path; None: estimate
@@ -178,6 +179,23 @@ class PriorConfig(_Strict):
     bootstrap: int = Field(100, ge=0)
     oracle: bool = True  # measure estimates against target-train labels when they exist (never used to train)
     max_images: PositiveInt | None = None
+    seed: int = 0
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, method: str) -> str:
+        from labelshift.estimate.registry import METHODS
+
+        if method not in METHODS:
+            raise ValueError(f"unknown prior estimator {method!r}; expected one of {list(METHODS)}")
+        return method
+
+
+class PseudoConfig(_Strict):
+    """Pseudo labels for self-distillation: pixels whose teacher confidence is below ``confidence_threshold``
+    are ignored (255)."""
+
+    confidence_threshold: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class RayConfig(_Strict):
@@ -197,6 +215,7 @@ class TrackingConfig(_Strict):
 
 class EvalConfig(_Strict):
     batch_size: PositiveInt = 4
+    amp_bf16: bool = True  # bf16 autocast + channels_last when evaluating on CUDA (as training does)
     flip: bool = False
     scales: tuple[PositiveFloat, ...] = Field((1.0,), min_length=1)
     subset: tuple[str, ...] | None = None  # also report mIoU over these classes (miou_subset); synthia16 runs
@@ -211,6 +230,7 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = TrainConfig()
     prior: PriorConfig = PriorConfig()
     adjust: AdjustConfig = AdjustConfig()
+    pseudo: PseudoConfig = PseudoConfig()
     eval: EvalConfig = EvalConfig()
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -236,6 +256,30 @@ class ExperimentConfig(_Strict):
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the key, the file and the expectation."""
+
+
+# Keys that moved or went away: old dotted key -> (new dotted key or None, what to do). A config that still
+# uses one gets an error naming the new place, so users' configs keep working after one edit.
+MOVED_KEYS: dict[str, tuple[str | None, str]] = {
+    "prior.kind": (None, "removed: the prior's kind (pixel or image) follows from prior.method"),
+    "train.distill.confidence_threshold": ("pseudo.confidence_threshold", "moved to the pseudo: section"),
+}
+EXTENDS_KEY = "extends"  # a config file may name a base file (relative to itself) whose keys it overrides
+
+
+_MISSING = object()
+
+
+def _moved_key_errors(raw: dict) -> list[str]:
+    errors = []
+    for dotted, (new, what) in MOVED_KEYS.items():
+        node: Any = raw
+        for key in dotted.split("."):
+            node = node.get(key, _MISSING) if isinstance(node, dict) else _MISSING
+        if node is not _MISSING:
+            hint = f"; write it as {new}: {node!r}" if new else ""
+            errors.append(f"  {dotted}: {what}{hint}")
+    return errors
 
 
 def _parse_value(text: str) -> Any:
@@ -307,6 +351,9 @@ def _format_errors(err: ValidationError, source: str, overrides: dict[str, str])
 
 def config_from_dict(raw: dict, source: str = "<dict>", overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Validate a nested dict; ``overrides`` (already applied) are named in errors about the keys they set."""
+    moved = _moved_key_errors(raw)
+    if moved:
+        raise ConfigError("\n".join([f"invalid configuration in {source}:", *moved]))
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as err:
@@ -328,17 +375,40 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read a YAML experiment file, apply ``section.key=value`` overrides and validate it."""
+def _merged(base: dict, override: dict) -> dict:
+    """``override``'s keys over ``base``'s, section by section."""
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _merged(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
+
+
+def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """The raw mapping of a YAML config file, with its ``extends:`` base file (relative to it) merged under it."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist" + (f" (extended by {_chain[-1]})" if _chain else ""))
     try:
         raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path}: expected a mapping at the top level, got {type(raw).__name__}")
+    base = raw.pop(EXTENDS_KEY, None)
+    if base is None:
+        return raw
+    base_path = (path.parent / str(base)).resolve()
+    if base_path in _chain or base_path == path.resolve():
+        raise ConfigError(f"config file {path}: 'extends: {base}' makes a cycle")
+    return _merged(read_config_file(base_path, (*_chain, path.resolve())), raw)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read a YAML experiment file (and the base it ``extends``), apply ``section.key=value`` overrides and
+    validate it."""
+    path = Path(path)
+    raw = read_config_file(path)
     apply_overrides(raw, overrides, str(path))
     return absolute_paths(config_from_dict(raw, str(path), overrides))
 

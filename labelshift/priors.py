@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 
+from labelshift.atomic import write_json_atomic
 from labelshift.classes import IGNORE_INDEX, ClassSet, get_class_set, reference_statistics
 
 PRIOR_FLOOR = 1e-6
@@ -86,23 +85,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
-
-
-def write_json_atomic(path: str | Path, payload: Mapping[str, Any]) -> Path:
-    """Write ``payload`` as JSON to a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(payload, stream, indent=1)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
 
 
 class PriorError(ValueError):
@@ -229,6 +211,28 @@ def check_compatible(a: ClassPrior, b: ClassPrior) -> None:
     if a.kind != b.kind:
         raise ValueError(f"priors of different kinds cannot be combined: {a.describe()} is a {a.kind} prior, "
                          f"{b.describe()} is a {b.kind} prior; use two pixel priors or two image priors")
+
+
+@dataclass(frozen=True)
+class SourcePriors:
+    """The source priors Inference Adjustment and CR pair a target prior with: ``pixel`` and ``image`` (the
+    same kind as the target is used), and ``calibrated``, the prior under which the calibrated posteriors hold
+    (IA in the calibrated space; None when no calibration was fitted)."""
+
+    pixel: ClassPrior
+    image: ClassPrior
+    calibrated: ClassPrior | None = None
+
+    @classmethod
+    def single(cls, prior: ClassPrior) -> "SourcePriors":
+        """One given prior used for both kinds (a preset or a file named by the user)."""
+        return cls(prior, prior, None)
+
+    def of_kind(self, kind: str) -> ClassPrior:
+        """The source prior to pair with a target prior of ``kind`` (pixel | image)."""
+        if kind not in PRIOR_KINDS:
+            raise ValueError(f"prior kind must be one of {PRIOR_KINDS}, got {kind!r}")
+        return self.pixel if kind == "pixel" else self.image
 
 
 def _as_probability_pair(p: ClassPrior | Any, q: ClassPrior | Any) -> tuple[np.ndarray, np.ndarray]:

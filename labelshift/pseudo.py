@@ -20,12 +20,13 @@ from labelshift.inference import iterate_predictions
 
 def write_pseudo_labels(model: nn.Module, loader: Iterable[dict], out_dir: str | Path, *, device: torch.device,
                         logit_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                        confidence_threshold: float = 0.0) -> dict:
+                        confidence_threshold: float = 0.0, amp_dtype: torch.dtype | None = None) -> dict:
     """Label every image of ``loader``; returns counts (images, kept pixels, kept fraction)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     images = kept = total = 0
-    for logits, _, names in iterate_predictions(model, loader, device=device, at_label_size=False):
+    for logits, _, names in iterate_predictions(model, loader, device=device, at_label_size=False,
+                                                    amp_dtype=amp_dtype):
         if logit_transform is not None:
             logits = logit_transform(logits)
         confidence, labels = logits.softmax(1).max(1)

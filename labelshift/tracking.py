@@ -1,20 +1,36 @@
 """MLflow tracking for the pipeline (mlflow is imported lazily, only when tracking is enabled).
 
-One parent run per job (resolved config as params, the summary table as an artifact) and one nested run
-per stage (metrics, artifacts). Runs end FINISHED or FAILED; on SIGTERM/SIGINT they end KILLED. Runs of the
-same output directory left RUNNING by a job that was SIGKILLed are closed as KILLED when the job restarts.
+One parent run per job (the resolved config as flat params and as a ``config.json`` artifact, the summary table
+as artifacts) and one nested run per stage (metrics, artifacts, and the training loss while it trains, through a
+:class:`MlflowMetricSink`). Runs end FINISHED or FAILED; on SIGTERM/SIGINT they end KILLED. Runs of the same
+output directory left RUNNING by a job that was SIGKILLed are closed as KILLED when the job restarts.
+
+Artifacts live next to the tracking store, never in the temporary copy of the code that ``ray job submit
+--working-dir`` runs a job from (Ray deletes it): experiments of a sqlite store are created with
+``<directory of the database>/mlartifacts`` as their artifact location (a file store keeps artifacts inside
+itself, a tracking server where it is configured to), and :func:`check_outside_working_dir_copy` and
+:class:`MlflowTracker` stop with a :class:`ConfigError` when results would land in such a copy.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
+import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
-from labelshift.config import ExperimentConfig, dump_config, flatten
+from labelshift.config import ConfigError, ExperimentConfig, dump_config, flatten
 
 OUTPUT_TAG = "labelshift.output_dir"
+CONFIG_ARTIFACT = "config.json"
+ARTIFACTS_DIR = "mlartifacts"  # next to a sqlite database: the artifact location of the experiments it creates
+WORKING_DIR_COPIES = "working_dir_files"  # Ray copies a job's working dir to .../working_dir_files/_ray_pkg_<hash>
+
+logger = logging.getLogger(__name__)
 
 
 def default_tracking_uri(cfg: ExperimentConfig | None = None) -> str:
@@ -24,6 +40,78 @@ def default_tracking_uri(cfg: ExperimentConfig | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
 
 
+# ---------------------------------------------------------------------------------------- where things are stored
+def working_dir_copy(cwd: Path | None = None) -> Path | None:
+    """The temporary copy of the code that ``ray job submit --working-dir`` runs a job from
+    (``.../runtime_resources/working_dir_files/_ray_pkg_<hash>``), or None when ``cwd`` (default: the working
+    directory) is not inside one."""
+    parts = (cwd or Path.cwd()).resolve().parts
+    if WORKING_DIR_COPIES not in parts[:-1]:
+        return None
+    return Path(*parts[:parts.index(WORKING_DIR_COPIES) + 2])
+
+
+def _local_path_of(location: str) -> Path | None:
+    """The filesystem path of a local location (a path or a file URI), None for anything else (a server)."""
+    parsed = urllib.parse.urlparse(location)
+    return Path(urllib.request.url2pathname(parsed.path)) if parsed.scheme in ("", "file") else None
+
+
+def local_store_path(tracking_uri: str) -> Path | None:
+    """The absolute path of a local tracking store (a sqlite database file, a file store directory; relative
+    paths resolve against the working directory), or None for a server or an in-memory database."""
+    if tracking_uri.startswith("sqlite:"):  # sqlite:///relative.db, sqlite:////absolute.db, sqlite:// (memory)
+        database = tracking_uri.partition("?")[0].removeprefix("sqlite:").removeprefix("///")
+        return (Path.cwd() / database).resolve() if database.strip("/") else None
+    path = _local_path_of(tracking_uri)
+    return None if path is None else (Path.cwd() / path).resolve()
+
+
+def absolute_tracking_uri(tracking_uri: str) -> str:
+    """``tracking_uri`` with a local store's path made absolute, so that every process (a Ray Train controller
+    included, whatever its working directory) opens the same store."""
+    store = local_store_path(tracking_uri)
+    if store is None:
+        return tracking_uri
+    if tracking_uri.startswith("sqlite:"):
+        query = tracking_uri.partition("?")[2]
+        return f"sqlite:///{store}" + (f"?{query}" if query else "")
+    return store.as_uri()
+
+
+def artifact_location_for(tracking_uri: str) -> str | None:
+    """The artifact location of experiments created in this store: ``<directory of the database>/mlartifacts``
+    (a file URI) for a sqlite store; None (the store's own choice) for a file store, which keeps artifacts inside
+    itself, and for a tracking server, which keeps them where its operator configured."""
+    store = local_store_path(tracking_uri) if tracking_uri.startswith("sqlite:") else None
+    return None if store is None else (store.parent / ARTIFACTS_DIR).as_uri()
+
+
+def check_outside_working_dir_copy(cfg: ExperimentConfig) -> None:
+    """Stop a job that runs from the temporary copy ``ray job submit --working-dir`` made of the code and would
+    write its results into that copy: raise :class:`ConfigError` naming each of ``output_dir``,
+    ``ray.storage_path`` and the MLflow store (the default ``sqlite:///<cwd>/mlflow.db`` is one) that resolves
+    inside it. A no-op when the job does not run from such a copy."""
+    copy = working_dir_copy()
+    if copy is None:
+        return
+    places = {"output_dir": Path(cfg.output_dir)}
+    if cfg.ray.storage_path:
+        places["ray.storage_path"] = Path(cfg.ray.storage_path)
+    if cfg.tracking.enabled:
+        tracking_uri = default_tracking_uri(cfg)
+        places[f"the MLflow store of tracking URI {tracking_uri}"] = local_store_path(tracking_uri)
+    inside = [f"{name} -> {path.resolve()}" for name, path in places.items()
+              if path is not None and path.resolve().is_relative_to(copy)]
+    if inside:
+        raise ConfigError(
+            f"this job runs from {copy}, the temporary copy of the code made by `ray job submit --working-dir`, "
+            f"which Ray deletes, and would write its results there: {'; '.join(inside)}. Pass absolute locations "
+            f"outside it, e.g. output_dir=/shared/outputs/{cfg.name} tracking.tracking_uri=sqlite:////shared/"
+            "mlflow.db (or an MLflow server: tracking.tracking_uri=http://HOST:5000, or MLFLOW_TRACKING_URI)")
+
+
+# ---------------------------------------------------------------------------------------------- signals
 class JobTerminated(BaseException):
     """Raised in the main thread on SIGTERM so that runs end KILLED and temporary files are cleaned up."""
 
@@ -40,6 +128,39 @@ def terminate_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+# ---------------------------------------------------------------------------------------------- metric sinks
+class MetricSink(Protocol):
+    """Where a training loop's metrics go while it runs (any process: it must pickle)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+
+class MlflowMetricSink:
+    """Logs metrics to one MLflow run, named by its id, from any process (a Ray Train controller, a worker): it
+    holds only the tracking URI and the run id, uses no global mlflow state, and pickles.
+
+    A point that cannot be logged (e.g. the store is unreachable for a moment) is reported as a warning and
+    dropped: losing one point of a loss curve must not stop a training run.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric
+
+        timestamp = int(time.time() * 1000)
+        points = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
+        try:
+            MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=points)
+        except Exception as exc:  # noqa: BLE001 - see the class docstring
+            logger.warning("metrics %s at step %d not logged to MLflow run %s: %s", sorted(metrics), step,
+                           self.run_id, exc)
+
+
+# ---------------------------------------------------------------------------------------------- trackers
 class Tracker:
     """Nothing is logged (tracking disabled); the interface the pipeline uses."""
 
@@ -61,6 +182,14 @@ class Tracker:
 
     def set_tags(self, tags: dict[str, str]) -> None: ...
 
+    def active_run_id(self) -> str | None:
+        """The id of the run being logged to (a stage's nested run inside ``stage()``), or None."""
+        return None
+
+    def metric_sink(self) -> MetricSink | None:
+        """A sink for the current run that training processes can log to while they run; None: nothing to log."""
+        return None
+
 
 def _status_of(exc: BaseException | None) -> str:
     if exc is None:
@@ -68,14 +197,47 @@ def _status_of(exc: BaseException | None) -> str:
     return "KILLED" if isinstance(exc, (JobTerminated, KeyboardInterrupt)) else "FAILED"
 
 
+def _experiment(client, name: str, artifact_location: str | None):
+    """The experiment ``name``, created with ``artifact_location`` when it does not exist yet. Raises
+    :class:`ConfigError` when it is deleted, or when its artifacts go to a working-dir copy of a Ray job (an
+    experiment created by a job that ran from one with MLflow's default, cwd-relative ``./mlruns``)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException as exc:  # another job created it in between
+            if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+        experiment = client.get_experiment_by_name(name)
+    if experiment.lifecycle_stage == "deleted":
+        raise ConfigError(f"MLflow experiment {name!r} is deleted: restore it (`mlflow experiments restore "
+                          f"--experiment-id {experiment.experiment_id}`) or choose another tracking.experiment")
+    location = _local_path_of(experiment.artifact_location)
+    if location is not None and WORKING_DIR_COPIES in location.parts:
+        raise ConfigError(
+            f"MLflow experiment {name!r} keeps its artifacts in {experiment.artifact_location}, inside a temporary "
+            "copy `ray job submit --working-dir` made of a job's code, which Ray deletes: its runs' artifacts would "
+            "be lost. Choose another tracking.experiment (a new experiment of a sqlite store keeps its artifacts in "
+            f"<directory of the database>/{ARTIFACTS_DIR}), or move that experiment's artifacts")
+    return experiment
+
+
 class MlflowTracker(Tracker):
+    """Logs to the MLflow store at ``tracking_uri``, experiment ``experiment`` (created on first use with its
+    artifacts next to the store: see :func:`artifact_location_for`)."""
+
     def __init__(self, tracking_uri: str, experiment: str) -> None:
         import mlflow
 
         self._mlflow = mlflow
-        self.tracking_uri = tracking_uri
-        mlflow.set_tracking_uri(tracking_uri)
-        self.experiment_id = mlflow.set_experiment(experiment).experiment_id
+        self.tracking_uri = absolute_tracking_uri(tracking_uri)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        found = _experiment(mlflow.MlflowClient(self.tracking_uri), experiment,
+                            artifact_location_for(self.tracking_uri))
+        self.experiment_id = found.experiment_id
 
     def _close_orphans(self, output_dir: str) -> None:
         client = self._mlflow.MlflowClient()
@@ -96,11 +258,14 @@ class MlflowTracker(Tracker):
 
     @contextlib.contextmanager
     def job(self, cfg: ExperimentConfig) -> Iterator["MlflowTracker"]:
+        """The job's parent run: the resolved config as ``config.json`` and as flat params."""
         output_dir = str(Path(cfg.output_dir).resolve())
         self._close_orphans(output_dir)
         with self._run(run_name=cfg.name, experiment_id=self.experiment_id, tags={OUTPUT_TAG: output_dir}) as run:
             self.parent_run_id = run.info.run_id
-            self.log_params(flatten(dump_config(cfg)))
+            config = dump_config(cfg)
+            self._mlflow.log_dict(config, CONFIG_ARTIFACT)
+            self.log_params(flatten(config))
             yield self
 
     @contextlib.contextmanager
@@ -116,15 +281,22 @@ class MlflowTracker(Tracker):
             self._mlflow.log_metrics(clean, step=step)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        items = [(k, str(v)[:6000]) for k, v in params.items()]
-        for start in range(0, len(items), 100):
-            self._mlflow.log_params(dict(items[start:start + 100]))
+        """All params in one call (MLflow batches them; values over its length limit are truncated by it)."""
+        self._mlflow.log_params(params)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._mlflow.set_tags(tags)
+
+    def active_run_id(self) -> str | None:
+        run = self._mlflow.active_run()
+        return run.info.run_id if run is not None else None
+
+    def metric_sink(self) -> MlflowMetricSink:
+        """A sink for the active (innermost) run, e.g. a training stage's run."""
+        return MlflowMetricSink(self.tracking_uri, self._mlflow.active_run().info.run_id)
 
 
 def build_tracker(cfg: ExperimentConfig) -> Tracker:

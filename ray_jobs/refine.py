@@ -3,7 +3,10 @@
     ray job submit --working-dir . -- python ray_jobs/refine.py --config configs/demo.yaml
     python ray_jobs/refine.py --config configs/demo.yaml [--stages estimate,evaluate_adapted] [section.key=value ...]
 
-Without a cluster address (``ray.address`` / ``RAY_ADDRESS``) it starts a local Ray instance.
+Without a cluster address (``ray.address`` / ``RAY_ADDRESS``) it starts a local Ray instance. A job that runs
+from the temporary copy `ray job submit --working-dir` makes of the code, and whose output_dir, ray.storage_path
+or MLflow store would land in that copy, stops before it starts Ray with one ``refine.py: error:`` line naming
+them (exit status 2), as does any other configuration error.
 """
 from __future__ import annotations
 
@@ -14,9 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working directory of `ray job submit`
 
-from labelshift.config import load_config  # noqa: E402
-from labelshift.pipeline import Pipeline, RayTrainRunner  # noqa: E402
-from labelshift.tracking import build_tracker, terminate_on_sigterm  # noqa: E402
+from labelshift.config import ConfigError, load_config  # noqa: E402
+from labelshift.pipeline import Pipeline  # noqa: E402
+from labelshift.runners import RayTrainRunner  # noqa: E402
+from labelshift.tracking import build_tracker, check_outside_working_dir_copy, terminate_on_sigterm  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,12 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    cwd = Path.cwd()
-    if "working_dir_files" in cwd.parts and Path(cfg.output_dir).is_relative_to(cwd):
-        print(f"warning: output_dir resolves to {cfg.output_dir}, inside the temporary copy `ray job submit "
-              "--working-dir` made of the code; pass an absolute output_dir (and tracking.tracking_uri) to keep "
-              "the results", file=sys.stderr)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check_outside_working_dir_copy(cfg)
+        tracker = build_tracker(cfg)
+    except ConfigError as err:
+        print(f"{Path(__file__).name}: error: {err}", file=sys.stderr)
+        return 2
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Inside `ray job submit`, RAY_ADDRESS names the cluster. Otherwise start a fresh local instance ("local"),
     # never attach to whatever cluster /tmp/ray last recorded.
@@ -50,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
         runner = RayTrainRunner(cfg.ray, cfg.ray.storage_path or Path(cfg.output_dir) / "ray")
-        tracker = build_tracker(cfg)
         stages = tuple(args.stages.split(",")) if args.stages else None
         with terminate_on_sigterm(), tracker.job(cfg):
             Pipeline(cfg, runner, tracker, device=device).run(stages)

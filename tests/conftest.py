@@ -25,7 +25,7 @@ def tiny_overrides(out: Path, *, iterations: int = 4, world_size: str = "[64,32]
             "data.world.num_source=40", "data.world.num_target_train=16", "data.world.num_target_val=8",
             f"data.world.size={world_size}", f"data.source_transform.size={world_size}",
             f"data.target_transform.size={world_size}", "prior.bootstrap=3", "prior.em_sample_pixels=2000",
-            f"tracking.tracking_uri=sqlite:///{out}/mlflow.db", "train.distill.confidence_threshold=0.0", *steps]
+            f"tracking.tracking_uri=sqlite:///{out}/mlflow.db", "pseudo.confidence_threshold=0.0", *steps]
 
 
 @pytest.fixture(autouse=True)

@@ -148,10 +148,9 @@ def test_em_on_bcts_calibrated_probabilities_takes_the_plain_source_prior():
 @pytest.mark.parametrize("space", ["raw", "calibrated"])
 def test_pipeline_ia_space(space):
     """``adjust.space``: raw logits against the exact source prior, or the calibrated space of pixel priors."""
-    from types import SimpleNamespace
-
+    from labelshift.adjust import ia_transform
     from labelshift.config import AdjustConfig
-    from labelshift.pipeline.steps import _ia
+    from labelshift.priors import SourcePriors
 
     logits = torch.randn(3, len(NAMES), 4, 4, dtype=torch.float64)
     calibration = Calibration(0.8, np.array([0.3, -0.2, 0.0, 0.1, -0.4]), method="bcts")
@@ -159,8 +158,8 @@ def test_pipeline_ia_space(space):
               "source_calibrated": ClassPrior(NAMES, [0.2, 0.2, 0.2, 0.2, 0.2], "pixel"),
               "source_image": ClassPrior(NAMES, [0.9, 0.8, 0.5, 0.3, 0.1], "image")}
     target = ClassPrior(NAMES, [0.1, 0.1, 0.2, 0.3, 0.3], "pixel")
-    pipeline = SimpleNamespace(cfg=SimpleNamespace(adjust=AdjustConfig(space=space)))
-    adjusted = _ia(calibration, priors, target, pipeline)(logits)
+    source = SourcePriors(priors["source_pixel"], priors["source_image"], priors["source_calibrated"])
+    adjusted = ia_transform(AdjustConfig(space=space), source, target, calibration)(logits)
     log_target = torch.log(torch.tensor(target.probs)).view(1, -1, 1, 1)
     if space == "raw":
         expected = logits - torch.log(torch.tensor(priors["source_pixel"].probs)).view(1, -1, 1, 1) + log_target
@@ -169,5 +168,5 @@ def test_pipeline_ia_space(space):
                     + log_target)
     torch.testing.assert_close(adjusted.softmax(1), expected.softmax(1), rtol=0, atol=1e-9)
     image_target = ClassPrior(NAMES, [0.5, 0.5, 0.5, 0.5, 0.5], "image")
-    image_adjusted = _ia(calibration, priors, image_target, pipeline)(logits)  # image priors: raw in both spaces
+    image_adjusted = ia_transform(AdjustConfig(space=space), source, image_target, calibration)(logits)  # raw always
     torch.testing.assert_close(image_adjusted.softmax(1), adjust_logits(logits, priors["source_image"], image_target).softmax(1))

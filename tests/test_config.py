@@ -37,7 +37,7 @@ def test_unknown_key_names_key_file_and_the_expected_keys(tmp_path):
         load_config(path)
     assert str(err.value) == (
         f"invalid configuration in {path}:\n  prior.methd: unknown key; expected one of ['bootstrap', "
-        "'calibration', 'em_sample_pixels', 'kind', 'max_images', 'method', 'oracle', 'presence_threshold', "
+        "'calibration', 'em_sample_pixels', 'max_images', 'method', 'oracle', 'presence_threshold', 'seed', "
         "'source_prior', 'target_prior']; did you mean 'method'?")
 
 
@@ -95,7 +95,8 @@ def test_bad_value_names_key_file_and_expectation():
         load_config(CONFIGS / "demo.yaml", ["prior.method=magic"])
     message = str(err.value)
     assert f"invalid configuration in {CONFIGS / 'demo.yaml'}:" in message
-    assert "prior.method: Input should be 'reference', 'count', 'soft_count', 'presence', 'em' or 'bbse' (got 'magic')" in message
+    assert ("prior.method: unknown prior estimator 'magic'; expected one of ['reference', 'count', 'soft_count', "
+            "'presence', 'em', 'bbse'] (got 'magic')") in message
 
 
 def test_bad_override_syntax_and_missing_file(tmp_path):
@@ -103,3 +104,30 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
         load_config(CONFIGS / "demo.yaml", ["train.source.iterations"])
     with pytest.raises(ConfigError, match=f"config file {tmp_path / 'nope.yaml'} does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_a_moved_or_removed_key_names_its_new_place(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text((CONFIGS / "demo.yaml").read_text().replace("prior:\n", "prior:\n  kind: pixel\n", 1)
+                    .replace("init: adapted}", "init: adapted, confidence_threshold: 0.7}"))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (
+        f"invalid configuration in {path}:\n"
+        "  prior.kind: removed: the prior's kind (pixel or image) follows from prior.method\n"
+        "  train.distill.confidence_threshold: moved to the pseudo: section; write it as "
+        "pseudo.confidence_threshold: 0.7")
+
+
+def test_real_data_configs_extend_one_base(tmp_path):
+    from labelshift.config import read_config_file
+
+    gta5, synthia = (load_config(CONFIGS / f"{name}_to_cityscapes.yaml") for name in ("gta5", "synthia"))
+    assert (gta5.train, gta5.prior, gta5.model.name) == (synthia.train, synthia.prior, synthia.model.name)
+    assert (gta5.data.class_set, synthia.data.class_set) == ("cityscapes19", "synthia16")
+    assert gta5.train.refine.iterations == 40000 and gta5.ray.num_workers == 4
+    assert "extends" not in read_config_file(CONFIGS / "gta5_to_cityscapes.yaml")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: child.yaml\nname: x\n")
+    with pytest.raises(ConfigError, match="makes a cycle"):
+        load_config(child)

@@ -12,9 +12,9 @@ from PIL import Image
 
 from labelshift.classes import IGNORE_INDEX, cityscapes19, synthia16
 from labelshift.config import DataConfig, DatasetConfig, TransformConfig
-from labelshift.data import (CityscapesDataset, DatasetError, GTA5Dataset, SynthiaDataset, build_dataset,
-                             build_transforms, build_transforms_for, read_image, read_label_ids,
-                             write_palette_png, write_png_atomic)
+from labelshift.build import build_dataset, build_transforms_for
+from labelshift.data import (CityscapesDataset, DatasetError, GTA5Dataset, SynthiaDataset, build_transforms,
+                             read_image, read_label_ids, write_palette_png, write_png_atomic)
 
 IDENTITY = build_transforms(train=False, size=None, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 HEIGHT, WIDTH = 4, 6

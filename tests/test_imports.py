@@ -13,7 +13,8 @@ sys.meta_path.insert(0, Block())
 import labelshift, labelshift.adjust, labelshift.calibrate, labelshift.cli, labelshift.config, labelshift.data
 import labelshift.estimate, labelshift.inference, labelshift.metrics, labelshift.models, labelshift.priors
 import labelshift.pipeline, labelshift.pseudo, labelshift.tracking, labelshift.train.stages, labelshift.data.world
-import labelshift.pipeline.steps, labelshift.pipeline.priors_stage, labelshift.build, labelshift.bench.priors
+import labelshift.pipeline.steps, labelshift.estimate.from_config, labelshift.build, labelshift.bench.priors
+import labelshift.runners, labelshift.artifacts, labelshift.atomic
 from labelshift.models import create_model
 create_model('small', 19)
 assert not any(m.split('.')[0] in ('ray', 'mlflow') for m in sys.modules), 'ray/mlflow got imported'

@@ -6,8 +6,9 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from labelshift.pipeline import LocalTrainRunner, Pipeline, RayTrainRunner  # noqa: E402
-from labelshift.pipeline.steps import ensure_world  # noqa: E402
+from labelshift.pipeline import Pipeline  # noqa: E402
+from labelshift.runners import LocalTrainRunner, RayTrainRunner  # noqa: E402
+from labelshift.build import ensure_world  # noqa: E402
 from labelshift.tracking import Tracker  # noqa: E402
 
 
@@ -24,7 +25,7 @@ def two_node_cluster():
 
 def test_two_workers_are_placed_on_both_nodes(two_node_cluster, tiny_cfg, tmp_path):
     cfg = tiny_cfg("ray.num_workers=2", "ray.cpus_per_worker=1", out=tmp_path / "run", iterations=2)
-    ensure_world(Pipeline(cfg, LocalTrainRunner(cfg.output_dir), Tracker(), log=lambda m: None))
+    ensure_world(cfg, log=lambda m: None)
     payload = {"stage": "source", "config": cfg.model_dump(mode="json")}
     summary = RayTrainRunner(cfg.ray, tmp_path / "ray").fit(payload, "two-nodes", tmp_path / "model.safetensors")
     nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}

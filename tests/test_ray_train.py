@@ -11,8 +11,9 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from labelshift.pipeline import LocalTrainRunner, Pipeline, RayTrainRunner  # noqa: E402
-from labelshift.pipeline.steps import ensure_world  # noqa: E402
+from labelshift.pipeline import Pipeline  # noqa: E402
+from labelshift.runners import LocalTrainRunner, RayTrainRunner  # noqa: E402
+from labelshift.build import ensure_world  # noqa: E402
 from labelshift.tracking import Tracker  # noqa: E402
 
 
@@ -24,7 +25,7 @@ def local_ray():
 
 
 def _make_world(cfg) -> None:
-    ensure_world(Pipeline(cfg, LocalTrainRunner(cfg.output_dir), Tracker(), log=lambda m: None))
+    ensure_world(cfg, log=lambda m: None)
 
 
 def test_every_loop_runs_on_two_workers(local_ray, tiny_cfg, tmp_path):

@@ -27,15 +27,18 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from labelshift.adjust import adjust_logits
+from labelshift.adjust import ia_transform
 from labelshift.calibrate import Calibration, fit_calibration
-from labelshift.estimate import estimate_prior
-from labelshift.priors import prior_l1, write_json_atomic
+from labelshift.estimate import PIXEL_METHODS, estimate_prior, estimator_class
+from labelshift.atomic import write_json_atomic
+from labelshift.config import AdjustConfig
+from labelshift.priors import ClassPrior, prior_l1
 
 if TYPE_CHECKING:
     from labelshift.config import ExperimentConfig
 
-DIGITS_METHODS = ("count", "soft_count", "em", "em_bcts", "bbse")
+EM_BCTS = "em_bcts"  # EM on BCTS-calibrated posteriors (the other pixel methods see the raw softmax, bbse the calibrated)
+DIGITS_METHODS = (*PIXEL_METHODS, EM_BCTS)
 DIGITS_ACCURACIES = ("accuracy_no_adjust", "accuracy_em_adjust", "accuracy_oracle_adjust")
 DEFAULT_CONCENTRATIONS = (0.1, 1.0, 10.0)
 DEFAULT_SEEDS = 5
@@ -120,23 +123,24 @@ def _estimates(task: DigitsTask, logits: torch.Tensor) -> dict[str, np.ndarray]:
     raw = logits.softmax(1)
     calibrated = task.calibration.apply(logits).softmax(1)
     common = {"classes": task.classes, "bootstrap": 0}
+    priors = {}
     with _quiet_floors():
-        priors = {
-            "count": estimate_prior(raw, "count", **common),
-            "soft_count": estimate_prior(raw, "soft_count", **common),
-            "em": estimate_prior(raw, "em", source_prior=task.source_prior, **common),
-            "em_bcts": estimate_prior(calibrated, "em", source_prior=task.source_prior, **common),
-            "bbse": estimate_prior(calibrated, "bbse", source_probs=task.val_probs,
-                                   source_labels=task.val_labels, **common),
-        }
+        for method in PIXEL_METHODS:
+            if estimator_class(method).needs_source_labels:
+                priors[method] = estimate_prior(calibrated, method, source_probs=task.val_probs,
+                                                source_labels=task.val_labels, **common)
+            else:
+                priors[method] = estimate_prior(raw, method, source_prior=task.source_prior, **common)
+        priors[EM_BCTS] = estimate_prior(calibrated, "em", source_prior=task.source_prior, **common)
     return {method: prior.probs for method, prior in priors.items()}
 
 
 def _ia_accuracy(task: DigitsTask, logits: torch.Tensor, labels: torch.Tensor, target_prior: np.ndarray) -> float:
-    """Accuracy of IA in the calibrated space: z/T − log(π_s·e^{−b}) + log π_t."""
+    """Accuracy of IA (the library's IA factory) in the calibrated space: z/T − log(π_s·e^{−b}) + log π_t."""
     with _quiet_floors():
-        adjusted = adjust_logits(logits, task.calibration.effective_source_prior(task.source_prior),
-                                 target_prior, temperature=task.calibration.temperature)
+        transform = ia_transform(AdjustConfig(space="calibrated"), ClassPrior(task.classes, task.source_prior, "pixel"),
+                                 ClassPrior(task.classes, target_prior, "pixel"), task.calibration)
+        adjusted = transform(logits)
     return float((adjusted.argmax(1) == labels).double().mean())
 
 
@@ -151,7 +155,7 @@ def evaluate_shift(task: DigitsTask, indices: np.ndarray) -> dict[str, Any]:
     for method, estimate in estimates.items():
         record[f"{method}_l1"] = prior_l1(estimate, true_prior)
     record["accuracy_no_adjust"] = float((logits.argmax(1) == labels).double().mean())
-    record["accuracy_em_adjust"] = _ia_accuracy(task, logits, labels, estimates["em_bcts"])
+    record["accuracy_em_adjust"] = _ia_accuracy(task, logits, labels, estimates[EM_BCTS])
     record["accuracy_oracle_adjust"] = _ia_accuracy(task, logits, labels, true_prior)
     return record
 
@@ -218,7 +222,7 @@ def run_world(config: str | Path, out: Path, overrides: Sequence[str] = (),
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run pretrain, estimate and evaluate_adapted in-process on CPU; returns :func:`world_metrics`."""
     from labelshift.pipeline.job import Pipeline
-    from labelshift.pipeline.runners import LocalTrainRunner
+    from labelshift.runners import LocalTrainRunner
     from labelshift.tracking import Tracker
 
     cfg = world_config(config, out, overrides)
@@ -233,29 +237,31 @@ def world_metrics(estimate: dict[str, Any], evaluation: dict[str, Any]) -> dict[
     ``<method>_recovered_fraction`` = (IA mIoU − no-adjust mIoU) / (pixel-oracle IA mIoU − no-adjust mIoU),
     None when the oracle gain is not positive (the ratio means nothing then).
     """
-    from labelshift.pipeline.priors_stage import IMAGE_METHODS, PIXEL_METHODS
+    from labelshift.artifacts import (NO_ADJUST, estimate_name, evaluation_key, ia_name, oracle_name,
+                                      prior_error_key)
+    from labelshift.estimate import METHODS, estimator_class
 
-    def miou(name: str) -> float:
-        return float(evaluation[f"target_val/{name}"]["miou"])
+    def miou(split: str, transform: str) -> float:
+        return float(evaluation[evaluation_key(split, transform)]["miou"])
 
-    none, oracle = miou("none"), miou("ia_oracle_pixel")
+    none, oracle = miou("target_val", NO_ADJUST), miou("target_val", ia_name(oracle_name("pixel")))
     gain = oracle - none
     metrics: dict[str, Any] = {
         "no_adjust_miou": none, "oracle_ia_miou": oracle, "oracle_gain": gain,
-        "oracle_image_ia_miou": miou("ia_oracle_image"),
-        "source_val_miou": float(evaluation["source_val/none"]["miou"]) if "source_val/none" in evaluation else None,
-        "no_adjust_pixel_l1": estimate.get("no_adjust_pixel_l1"),
-        "no_adjust_image_l1": estimate.get("no_adjust_image_l1"),
+        "oracle_image_ia_miou": miou("target_val", ia_name(oracle_name("image"))),
+        "source_val_miou": miou("source_val", NO_ADJUST) if evaluation_key("source_val", NO_ADJUST) in evaluation
+        else None,
+        "no_adjust_pixel_l1": estimate.get(prior_error_key("no_adjust_pixel", "l1")),
+        "no_adjust_image_l1": estimate.get(prior_error_key("no_adjust_image", "l1")),
         "calibration_temperature": estimate.get("calibration_temperature"),
     }
-    found = {key[:-3] for key in estimate if key.endswith("_l1") and not key.startswith("no_adjust_")}
-    order = (*PIXEL_METHODS, *IMAGE_METHODS)
-    methods = [m for m in order if m in found] + sorted(found - set(order))
+    order = sorted(METHODS, key=lambda m: estimator_class(m).kind != "pixel")  # pixel methods first
+    methods = [m for m in order if prior_error_key(m, "l1") in estimate]
     for method in methods:
-        ia_miou = miou(f"ia_estimate_{method}")
-        metrics[f"{method}_kind"] = "image" if method in IMAGE_METHODS else "pixel"
-        metrics[f"{method}_l1"] = float(estimate[f"{method}_l1"])
-        metrics[f"{method}_kl"] = float(estimate[f"{method}_kl"])
+        ia_miou = miou("target_val", ia_name(estimate_name(method)))
+        metrics[f"{method}_kind"] = estimator_class(method).kind
+        metrics[f"{method}_l1"] = float(estimate[prior_error_key(method, "l1")])
+        metrics[f"{method}_kl"] = float(estimate[prior_error_key(method, "kl")])
         metrics[f"{method}_ia_miou"] = ia_miou
         metrics[f"{method}_recovered_fraction"] = (ia_miou - none) / gain if gain > 1e-9 else None
     metrics["methods"] = methods

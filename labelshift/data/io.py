@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
@@ -18,6 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from labelshift.atomic import write_bytes_atomic
 from labelshift.classes import IGNORE_INDEX, ClassSet
 
 LabelKind = Literal["palette", "gray", "synthia16bit"]
@@ -106,18 +106,6 @@ def read_label_ids(path: str | Path, kind: LabelKind) -> np.ndarray:
     raise ValueError(f"unknown label kind {kind!r}; known: {list(LABEL_KINDS)}")
 
 
-def _write_bytes_atomic(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as temp_file:
-            temp_file.write(payload)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
 def write_png_atomic(path: str | Path, array: np.ndarray) -> None:
     """Write a PNG atomically (temporary name in the same directory, then ``os.replace``).
 
@@ -136,7 +124,7 @@ def write_png_atomic(path: str | Path, array: np.ndarray) -> None:
     ok, encoded = cv2.imencode(".png", np.ascontiguousarray(array))
     if not ok:
         raise DatasetError(f"cannot encode {path} as PNG (shape {array.shape}, dtype {array.dtype})")
-    _write_bytes_atomic(path, encoded.tobytes())
+    write_bytes_atomic(path, encoded.tobytes())
 
 
 def write_palette_png(path: str | Path, ids: np.ndarray, palette: Sequence[Sequence[int]] | np.ndarray) -> None:
@@ -159,7 +147,7 @@ def write_palette_png(path: str | Path, ids: np.ndarray, palette: Sequence[Seque
     image.putpalette(flat_palette.reshape(-1).tolist())
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    _write_bytes_atomic(path, buffer.getvalue())
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def require_directory(path: Path, description: str, layout: str) -> Path:

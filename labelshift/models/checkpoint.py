@@ -16,11 +16,11 @@ import json
 import os
 import pickle
 import struct
-import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from labelshift.atomic import atomic_path
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -59,14 +59,8 @@ def save_checkpoint(model: nn.Module, path: PathLike, metadata: Mapping[str, Any
     path = Path(path)
     header = _encode_metadata(model, metadata or {})
     tensors = _tensors_for_saving(model.state_dict())
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        save_file(tensors, os.fspath(tmp), metadata=header)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as temporary:
+        save_file(tensors, os.fspath(temporary), metadata=header)
     return path
 
 

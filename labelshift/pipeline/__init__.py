@@ -1,5 +1,4 @@
-"""The main job's stages, manifests and training runners (Ray is imported only by :class:`RayTrainRunner`)."""
+"""The main job: one stage table, stage directories with manifests, the results table. Orchestration only."""
 from labelshift.pipeline.job import ALL_STAGES, Pipeline
-from labelshift.pipeline.runners import LocalTrainRunner, RayTrainRunner
 
-__all__ = ["ALL_STAGES", "Pipeline", "LocalTrainRunner", "RayTrainRunner"]
+__all__ = ["ALL_STAGES", "Pipeline"]

@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from labelshift.priors import write_json_atomic
+from labelshift.atomic import write_json_atomic
 
 MANIFEST = "manifest.json"
 

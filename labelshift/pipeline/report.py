@@ -1,12 +1,14 @@
 """The job's summary table: target-val mIoU of each step of the method, from the stages' metrics."""
 from __future__ import annotations
 
+from labelshift.artifacts import NO_ADJUST, ORACLE_IA, TARGET, evaluation_key, ia_name
+
 ROWS = (
-    ("source-only (adapted model)", "evaluate_adapted", "none"),
-    ("+IA (estimated prior)", "evaluate_adapted", "ia_target"),
-    ("+IA (oracle prior)", "evaluate_adapted", "ia_oracle"),
-    ("+CR (classifier refinement)", "evaluate_refined", "none"),
-    ("+self-distillation", "evaluate_distilled", "none"),
+    ("source-only (adapted model)", "evaluate_adapted", NO_ADJUST),
+    ("+IA (estimated prior)", "evaluate_adapted", ia_name(TARGET)),
+    ("+IA (oracle prior)", "evaluate_adapted", ORACLE_IA),
+    ("+CR (classifier refinement)", "evaluate_refined", NO_ADJUST),
+    ("+self-distillation", "evaluate_distilled", NO_ADJUST),
 )
 
 
@@ -15,12 +17,12 @@ def summary_rows(results: dict[str, dict]) -> list[dict]:
     rows = []
     baseline = None
     for label, stage, variant in ROWS:
-        metrics = results.get(stage, {}).get(f"target_val/{variant}")
+        metrics = results.get(stage, {}).get(evaluation_key("target_val", variant))
         if metrics is None:
             continue
         miou = metrics["miou"]
         baseline = miou if baseline is None else baseline
-        source = results.get(stage, {}).get(f"source_val/{variant}")
+        source = results.get(stage, {}).get(evaluation_key("source_val", variant))
         row = {"model": label, "target_val_miou": miou, "gain": round(miou - baseline, 2),
                "source_val_miou": source["miou"] if source else None}
         row.update({k: v for k, v in metrics.items() if k.startswith("miou_")})

@@ -6,10 +6,12 @@ Ray is imported lazily, inside :class:`RayTrainContext`, so the library imports 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -41,19 +43,27 @@ class TrainContext:
         raise NotImplementedError
 
     def release_checkpoint(self) -> None:
-        """The loop has read ``latest_checkpoint()``: drop any local copy made for it."""
+        """The loop has read ``latest_checkpoint()``: the directory may go (a downloaded copy is deleted)."""
 
 
 class LocalContext(TrainContext):
-    """One process; checkpoints are copied under ``checkpoint_root/step_XXXXXXXX`` (the newest one resumes)."""
+    """One process; checkpoints are copied under ``checkpoint_root/step_XXXXXXXX`` (the newest one resumes).
 
-    def __init__(self, checkpoint_root: str | Path, device: torch.device | str = "cpu") -> None:
+    ``on_report(metrics)``, when given, receives every report as it is made, before its checkpoint is kept: a
+    kept checkpoint's step has always been delivered.
+    """
+
+    def __init__(self, checkpoint_root: str | Path, device: torch.device | str = "cpu",
+                 on_report: Callable[[dict], None] | None = None) -> None:
         self.checkpoint_root = Path(checkpoint_root)
         self.device = torch.device(device)
+        self.on_report = on_report
         self.reports: list[dict] = []
 
     def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
         self.reports.append(dict(metrics))
+        if self.on_report is not None:
+            self.on_report(dict(metrics))
         if checkpoint_dir is None:
             return
         self.checkpoint_root.mkdir(parents=True, exist_ok=True)
@@ -72,7 +82,9 @@ class LocalContext(TrainContext):
 
 
 class RayTrainContext(TrainContext):
-    """Inside ``TorchTrainer``'s ``train_loop_per_worker``."""
+    """Inside ``TorchTrainer``'s ``train_loop_per_worker``. The checkpoint to resume from is read in place
+    (``Checkpoint.as_directory``: no copy of a checkpoint on local or shared storage; a remote one is downloaded
+    once per node) until ``release_checkpoint``."""
 
     def __init__(self) -> None:
         import ray.train
@@ -84,6 +96,7 @@ class RayTrainContext(TrainContext):
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()
         self._restored: Path | None = None
+        self._open_checkpoint = contextlib.ExitStack()
 
     def describe(self) -> dict:
         import ray
@@ -106,11 +119,9 @@ class RayTrainContext(TrainContext):
         if checkpoint is None:
             return None
         if self._restored is None:
-            self._restored = Path(tempfile.mkdtemp(prefix="labelshift_resume_"))
-            checkpoint.to_directory(str(self._restored))
+            self._restored = Path(self._open_checkpoint.enter_context(checkpoint.as_directory()))
         return self._restored
 
     def release_checkpoint(self) -> None:
-        if self._restored is not None:
-            shutil.rmtree(self._restored, ignore_errors=True)
-            self._restored = None
+        self._open_checkpoint.close()
+        self._restored = None

@@ -99,11 +99,14 @@ def _mean_over_workers(value: torch.Tensor, ctx: TrainContext) -> float:
 
 
 def _restore(ctx: TrainContext, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Load the context's latest checkpoint into ``model`` and ``optimizer``; returns its step (0: fresh start)."""
     checkpoint_dir = ctx.latest_checkpoint()
     if checkpoint_dir is None:
         return 0
-    state = torch.load(Path(checkpoint_dir) / CHECKPOINT_STATE, map_location=ctx.device, weights_only=True)
-    ctx.release_checkpoint()
+    try:
+        state = torch.load(Path(checkpoint_dir) / CHECKPOINT_STATE, map_location=ctx.device, weights_only=True)
+    finally:
+        ctx.release_checkpoint()
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     return int(state["step"])
@@ -125,6 +128,10 @@ def run_loop(ctx: TrainContext, *, model: nn.Module, optimizer: torch.optim.Opti
     ``model`` is the unwrapped module whose state is checkpointed; ``compute_loss`` runs the (possibly
     DDP-wrapped) forward. Rank 0 writes ``state.pt`` every ``checkpoint_every`` steps and, at the end, the
     final checkpoint with the model file written by ``save_final(dir)``.
+
+    Every ``log_every``-th step, every checkpoint step and the last one are reported as ``{"step", "loss", "lr"}``
+    (the loss averaged over workers), only for steps this call runs; a run restored from its final checkpoint
+    reports that checkpoint again as ``{"step"}`` alone.
     """
     start = _restore(ctx, model, optimizer)
     if start >= optim.iterations:  # restored from the final checkpoint: report it again so the caller gets it

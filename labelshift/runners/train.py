@@ -1,12 +1,14 @@
 """Who runs a training stage: this process (:class:`LocalTrainRunner`) or Ray Train (:class:`RayTrainRunner`).
 
 Both take the same JSON payload (see ``labelshift.train.stages``) and return the final model file and rank 0's
-summary. Ray is imported only inside :class:`RayTrainRunner`.
+summary. Given a metric sink (``Tracker.metric_sink()``), both send it the training loss as ``train_loss`` at its
+step while training runs, so a killed attempt keeps its curve. Only steps an attempt runs are sent: a resumed
+attempt starts after its checkpoint (steps re-run after a Ray Train worker restart are sent again, with the values
+of the run that counts). Ray is imported only inside :class:`RayTrainRunner`.
 """
 from __future__ import annotations
 
 import shutil
-import tempfile
 import threading
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -14,6 +16,7 @@ from typing import Callable, TypeVar
 import torch
 
 from labelshift.config import RayConfig
+from labelshift.tracking import MetricSink
 from labelshift.train.context import LocalContext
 from labelshift.train.loop import FINAL_MODEL
 from labelshift.train.stages import run_stage, train_worker
@@ -45,7 +48,30 @@ def run_interruptibly(fn: Callable[[], T], poll_seconds: float = 0.5) -> T:
     return outcome["value"]
 
 
+def _log_train_loss(metric_sink: MetricSink, report: dict) -> None:
+    """Send a training loop's report (``{"step", "loss", "lr"}``) to ``metric_sink`` as ``train_loss`` at its step;
+    a report without a loss (a final checkpoint reported again after a resume) sends nothing."""
+    if "loss" in report:
+        metric_sink.log_metrics({"train_loss": float(report["loss"])}, step=int(report["step"]))
+
+
+def _train_loss_callback(metric_sink: MetricSink):
+    """A Ray Train ``UserCallback`` that runs on the controller and logs rank 0's loss after every report."""
+    from ray.train import UserCallback
+
+    class TrainLossToSink(UserCallback):
+        def __init__(self, sink: MetricSink) -> None:
+            self.sink = sink
+
+        def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+            _log_train_loss(self.sink, metrics[0])
+
+    return TrainLossToSink(metric_sink)
+
+
 class LocalTrainRunner:
+    """Runs a stage in this process; re-running with the same ``run_name`` resumes from its newest checkpoint."""
+
     def __init__(self, work_root: str | Path, device: str | torch.device = "cpu") -> None:
         self.work_root = Path(work_root)
         self.device = torch.device(device)
@@ -54,8 +80,10 @@ class LocalTrainRunner:
         """Where the run's resumable checkpoints live."""
         return str(self.work_root / run_name)
 
-    def fit(self, payload: dict, run_name: str, model_out: Path) -> dict:
-        ctx = LocalContext(self.work_root / run_name, self.device)
+    def fit(self, payload: dict, run_name: str, model_out: Path, metric_sink: MetricSink | None = None) -> dict:
+        """Train in this process (resuming ``work_root/run_name``); writes the final model to ``model_out``."""
+        on_report = None if metric_sink is None else lambda report: _log_train_loss(metric_sink, report)
+        ctx = LocalContext(self.work_root / run_name, self.device, on_report=on_report)
         summary = run_stage(payload, ctx)
         shutil.copyfile(ctx.latest_checkpoint() / FINAL_MODEL, model_out)
         return summary
@@ -76,7 +104,9 @@ class RayTrainRunner:
         """Where Ray Train keeps the run (its checkpoints and state): ``<storage_path>/<run_name>``."""
         return f"{self.storage_path}/{run_name}"
 
-    def fit(self, payload: dict, run_name: str, model_out: Path) -> dict:
+    def fit(self, payload: dict, run_name: str, model_out: Path, metric_sink: MetricSink | None = None) -> dict:
+        """Train on Ray Train; copies the final checkpoint's model to ``model_out``. The losses reach
+        ``metric_sink`` from Ray Train's controller as the workers report them."""
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
@@ -89,12 +119,12 @@ class RayTrainRunner:
                                          resources_per_worker=resources),
             run_config=RunConfig(name=run_name, storage_path=self.storage_path,
                                  failure_config=FailureConfig(max_failures=cfg.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 callbacks=[] if metric_sink is None else [_train_loss_callback(metric_sink)]),
         )
         result = run_interruptibly(trainer.fit)
         if result.checkpoint is None:
             raise RuntimeError(f"Ray Train run {run_name} finished without a checkpoint")
-        with tempfile.TemporaryDirectory() as tmp:
-            result.checkpoint.to_directory(tmp)
-            shutil.copyfile(Path(tmp) / FINAL_MODEL, model_out)
+        with result.checkpoint.as_directory() as checkpoint_dir:
+            shutil.copyfile(Path(checkpoint_dir) / FINAL_MODEL, model_out)
         return result.return_value or {}

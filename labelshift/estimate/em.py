@@ -1,0 +1,129 @@
+"""EM / MLLS (Saerens, Latinne & Decaestecker 2002) on a bounded uniform pixel sample."""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from labelshift.classes import ClassSet
+from labelshift.estimate.base import EstimatorInputs, PriorEstimator, prior_vector
+from labelshift.priors import ClassPrior
+
+
+def em_label_shift(posteriors: Any, source_prior: Any, *, weights: np.ndarray | None = None,
+                   init: np.ndarray | None = None, tol: float = 1e-7,
+                   max_iter: int = 1000) -> tuple[np.ndarray, int, bool]:
+    """Maximum-likelihood target prior under label shift (Saerens, Latinne & Decaestecker 2002).
+
+    posteriors: (M, K) p_s(y|x) under ``source_prior`` (K,); weights: (M,) sample weights or None.
+    Iterates q <- mean_x normalise(p_s(y|x)·q/π_s) until the L1 change is below ``tol``.
+    Returns (q (K,), iterations, converged).
+    """
+    posterior = np.asarray(posteriors, dtype=np.float64)
+    source = np.asarray(source_prior, dtype=np.float64)
+    sample_weights = np.ones(len(posterior)) if weights is None else np.asarray(weights, dtype=np.float64)
+    total_weight = sample_weights.sum()
+    estimate = source.copy() if init is None else np.asarray(init, dtype=np.float64).copy()
+    for iteration in range(1, max_iter + 1):
+        # normalise(p·r) averaged over x, with r = q/π_s, as two matrix-vector products (no (M, K) temporary)
+        ratio = estimate / source
+        normaliser = np.maximum(posterior @ ratio, np.finfo(np.float64).tiny)
+        updated = ratio * (posterior.T @ (sample_weights / normaliser)) / total_weight
+        change = np.abs(updated - estimate).sum()
+        estimate = updated
+        if change < tol:
+            return estimate, iteration, True
+    return estimate, max_iter, False
+
+
+class EMEstimator(PriorEstimator):
+    """EM / MLLS on a bounded uniform pixel sample gathered during the pass (a pixel prior).
+
+    The sample keeps the ``sample_size`` pixels with the smallest uniform random keys (bottom-k
+    sampling): a uniform sample without replacement of all pixels seen, and merging two estimators keeps
+    the bottom-k of the union (give each worker its own ``seed``). ``source_prior``: the prior the
+    posteriors were trained/calibrated under (the source pixel prior). The bootstrap reweights the
+    sampled pixels by their image's multiplicity and restarts EM from the point estimate.
+    """
+
+    method, kind = "em", "pixel"
+    source_prior_argument = "source_prior"
+
+    @classmethod
+    def arguments(cls, inputs: EstimatorInputs) -> dict[str, Any]:
+        return {"source_prior": inputs.calibrated_prior, "sample_size": inputs.em_sample_pixels}
+
+    def __init__(self, classes: ClassSet | Sequence[str], *, source_prior: ClassPrior | Any,
+                 sample_size: int = 200_000, tol: float = 1e-7, max_iter: int = 1000, **base: Any) -> None:
+        super().__init__(classes, **base)
+        if source_prior is None:
+            raise ValueError("the em estimator needs source_prior= (the prior of the posteriors' training data)")
+        self.source_probs = prior_vector(source_prior, self.class_names, "source_prior")
+        if isinstance(source_prior, ClassPrior) and source_prior.kind != "pixel":
+            warnings.warn(f"em: source_prior {source_prior.describe()} is an image prior; posteriors are trained "
+                          "under the source PIXEL prior", stacklevel=2)
+        self.source_description = source_prior.describe() if isinstance(source_prior, ClassPrior) else "vector"
+        self.sample_size, self.tol, self.max_iter = int(sample_size), float(tol), int(max_iter)
+        self._rng = np.random.default_rng([self.seed, 1])
+        self.sample_probs = np.zeros((0, self.num_classes), dtype=np.float32)  # (M, K)
+        self.sample_keys = np.zeros(0)  # (M,) uniform keys
+        self.sample_units = np.zeros(0, dtype=np.int64)  # (M,) unit (image) of each sampled pixel
+        self._point: np.ndarray | None = None
+        self._fit: dict[str, Any] = {}
+        self.sampling_seeds = {self.seed}  # seeds whose key streams the sample holds (merged shards included)
+
+    def settings(self) -> dict[str, Any]:
+        return {"source_prior": self.source_probs.tolist(), "sample_size": self.sample_size,
+                "tol": self.tol, "max_iter": self.max_iter}
+
+    def _keep(self, probs: np.ndarray, keys: np.ndarray, units: np.ndarray) -> None:
+        probs = np.concatenate([self.sample_probs, probs])
+        keys = np.concatenate([self.sample_keys, keys])
+        units = np.concatenate([self.sample_units, units])
+        if len(keys) > self.sample_size:
+            kept = np.sort(np.argpartition(keys, self.sample_size - 1)[: self.sample_size])
+            probs, keys, units = probs[kept], keys[kept], units[kept]
+        self.sample_probs, self.sample_keys, self.sample_units = probs, keys, units
+        self._point = None
+
+    def _ingest(self, units: torch.Tensor, **kwargs: Any) -> None:
+        pixels_per_unit = units.shape[2] * units.shape[3]
+        keys = self._rng.random(units.shape[0] * pixels_per_unit)
+        full = len(self.sample_keys) >= self.sample_size
+        candidates = np.flatnonzero(keys < (self.sample_keys.max() if full else np.inf))
+        if len(candidates) > self.sample_size:
+            candidates = candidates[np.argpartition(keys[candidates], self.sample_size - 1)[: self.sample_size]]
+        unit_index, pixel_index = np.divmod(candidates, pixels_per_unit)
+        gathered = units.flatten(2)[torch.from_numpy(unit_index).to(units.device), :,
+                                    torch.from_numpy(pixel_index).to(units.device)]
+        self._keep(gathered.float().cpu().numpy(), keys[candidates], unit_index + self.num_units)
+
+    def _merge_state(self, other: PriorEstimator) -> None:
+        assert isinstance(other, EMEstimator)
+        shared = self.sampling_seeds & other.sampling_seeds
+        if shared:
+            raise ValueError(f"cannot merge em estimators whose samples used the same seed(s) {sorted(shared)}: "
+                             "equal seeds draw equal sampling keys, so the merged sample would not be uniform; "
+                             "give each shard its own seed (e.g. seed + shard index)")
+        self.sampling_seeds |= other.sampling_seeds
+        self._keep(other.sample_probs, other.sample_keys, other.sample_units + self.num_units)
+
+    def _estimate(self, unit_weights: np.ndarray | None) -> np.ndarray:
+        if unit_weights is None:
+            self._point, iterations, converged = em_label_shift(
+                self.sample_probs, self.source_probs, tol=self.tol, max_iter=self.max_iter)
+            self._fit = {"iterations": iterations, "converged": converged}
+            return self._point
+        if self._point is None:
+            self._estimate(None)
+        estimate, _, _ = em_label_shift(self.sample_probs, self.source_probs, weights=unit_weights[self.sample_units],
+                                        init=self._point, tol=self.tol, max_iter=self.max_iter)
+        return estimate
+
+    def _diagnostics(self) -> dict[str, Any]:
+        return {"source_prior_description": self.source_description, "sampled_pixels": len(self.sample_keys),
+                **self._fit}
+
+
