@@ -222,6 +222,15 @@ class EvalConfig(_Strict):
     # always report mIoU* over the published 13 classes (miou_13) as well
 
 
+class RuntimeConfig(_Strict):
+    """The numeric runtime of every process of the job (the driver and each training worker):
+    ``torch_threads`` intra-op threads (None: torch's default, which Ray sets from a worker's CPUs) and torch's
+    deterministic algorithms. The same thread count on the same machine type gives bit-identical numbers."""
+
+    torch_threads: PositiveInt | None = None
+    deterministic: bool = True
+
+
 class ExperimentConfig(_Strict):
     name: str
     output_dir: str = "outputs/${name}"
@@ -234,6 +243,7 @@ class ExperimentConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
     stages: tuple[PipelineStage, ...] = PIPELINE_STAGES
 
     @model_validator(mode="after")

@@ -27,6 +27,7 @@ from labelshift.pipeline import steps
 from labelshift.pipeline.manifest import StageDir, fingerprint
 from labelshift.pipeline.report import format_summary, summary_rows
 from labelshift.priors import ClassPrior
+from labelshift.runtime import apply_runtime, runtime_environment
 from labelshift.tracking import Tracker
 
 
@@ -117,7 +118,8 @@ class Pipeline:
                 outputs, metrics = stage.body(self, directory)
                 metrics = {**metrics, "seconds": round(time.perf_counter() - began, 2)}
                 manifest = directory.commit(outputs, metrics, {"config": dump_config(self.cfg),
-                                                               "mlflow_run_id": self.tracker.active_run_id()})
+                                                               "mlflow_run_id": self.tracker.active_run_id(),
+                                                               "environment": runtime_environment()})
                 self.tracker.log_metrics(flat_numbers(metrics))
                 for rel in outputs:
                     if (directory.final / rel).is_file() and not rel.endswith(".safetensors"):
@@ -148,6 +150,7 @@ class Pipeline:
         unknown = [s for s in wanted if s not in STAGE_TABLE]
         if unknown:
             raise ValueError(f"unknown stages {unknown}; known: {list(ALL_STAGES)}")
+        apply_runtime(self.cfg.runtime.torch_threads, self.cfg.runtime.deterministic)
         ensure_world(self.cfg, self.log)
         for stage in STAGES:
             if stage.name in wanted or (stage.name == "pretrain" and self.cfg.data.world is not None):
@@ -180,7 +183,8 @@ class Pipeline:
 
     def write_summary(self) -> dict:
         rows = summary_rows(self.results)
-        summary = {"name": self.cfg.name, "output_dir": str(self.output_dir), "rows": rows, "stages": self.results}
+        summary = {"name": self.cfg.name, "output_dir": str(self.output_dir), "rows": rows, "stages": self.results,
+                   "environment": runtime_environment()}
         path = self.output_dir / "summary.json"
         write_json_atomic(path, summary)
         table = format_summary(rows)

@@ -20,6 +20,7 @@ from labelshift.config import ExperimentConfig, OptimConfig, config_from_dict
 from labelshift.inference import autocast_for
 from labelshift.models import save_checkpoint, upsample_logits
 from labelshift.priors import ClassPrior
+from labelshift.runtime import apply_runtime
 from labelshift.train.context import RayTrainContext, TrainContext
 from labelshift.train.loop import FINAL_MODEL, GlobalBatchSampler, endless_batches, make_optimizer, run_loop
 
@@ -100,6 +101,7 @@ def run_stage(payload: dict, ctx: TrainContext) -> dict:
     if stage not in STAGES:
         raise ValueError(f"unknown training stage {stage!r}; expected one of {STAGES}")
     cfg = config_from_dict(payload["config"])
+    apply_runtime(cfg.runtime.torch_threads, cfg.runtime.deterministic)
     optim = _optim_of(cfg, stage)
     torch.manual_seed(optim.seed)  # the same initial weights on every rank and for any number of workers
     cfg, model, groups, forward, loss_of_logits = _prepare(payload, ctx)
