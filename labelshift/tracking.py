@@ -296,7 +296,10 @@ class MlflowTracker(Tracker):
 
     def metric_sink(self) -> MlflowMetricSink:
         """A sink for the active (innermost) run, e.g. a training stage's run."""
-        return MlflowMetricSink(self.tracking_uri, self._mlflow.active_run().info.run_id)
+        run = self._mlflow.active_run()
+        if run is None:
+            raise RuntimeError("metric_sink() logs to the active run: call it inside tracker.job() or tracker.stage()")
+        return MlflowMetricSink(self.tracking_uri, run.info.run_id)
 
 
 def build_tracker(cfg: ExperimentConfig) -> Tracker:

@@ -2,8 +2,10 @@
 estimate-prior`` run in one process (a Ray Data pass feeds the same functions from its actors)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -46,18 +48,21 @@ class PriorEstimation:
 
 def estimate_target_priors(cfg: ExperimentConfig, model: nn.Module, checkpoint: str | Path, *,
                            device: torch.device, methods: tuple[str, ...], with_oracle: bool,
-                           checkpoint_hash: str | None = None) -> PriorEstimation:
+                           checkpoint_hash: str | None = None,
+                           loader: Callable[..., Iterable[dict]] | None = None) -> PriorEstimation:
     """Source priors, calibration on source val (only when a method needs it), and every estimator in
     ``methods`` in one pass over target train (seeded by ``prior.seed``). Estimates record the checkpoint (path
     and sha256, computed unless ``checkpoint_hash`` is given), the target dataset and split, and the
-    calibration in their provenance."""
+    calibration in their provenance. ``loader(which, with_labels=, max_images=)`` builds a split's batches
+    (default: :func:`labelshift.build.eval_loader` of ``cfg``; the job passes one that draws a progress bar)."""
+    loader = loader or functools.partial(eval_loader, cfg)
     class_names = class_set_of(cfg).names
     prior_cfg = cfg.prior
     amp = amp_dtype_of(cfg, device)
     source = source_priors(cfg)
     if needs_source_validation(methods, prior_cfg.calibration):
         calibration, (sample_logits, sample_labels) = fit_source_calibration(
-            model, eval_loader(cfg, "source_val"), prior_cfg.calibration, device=device, seed=prior_cfg.seed,
+            model, loader("source_val"), prior_cfg.calibration, device=device, seed=prior_cfg.seed,
             amp_dtype=amp)
     else:
         calibration = Calibration.identity(len(class_names))
@@ -68,8 +73,8 @@ def estimate_target_priors(cfg: ExperimentConfig, model: nn.Module, checkpoint: 
     estimators = make_estimators(methods, class_names, inputs, bootstrap=prior_cfg.bootstrap, seed=prior_cfg.seed)
     feed_source_sample(estimators, calibration, sample_logits, sample_labels)
     oracle: LabelStatistics | None = LabelStatistics(class_names) if with_oracle else None
-    loader = eval_loader(cfg, "target", with_labels=with_oracle, max_images=prior_cfg.max_images)
-    for logits, labels, _ in iterate_predictions(model, loader, device=device, at_label_size=False, amp_dtype=amp):
+    target_batches = loader("target", with_labels=with_oracle, max_images=prior_cfg.max_images)
+    for logits, labels, _ in iterate_predictions(model, target_batches, device=device, at_label_size=False, amp_dtype=amp):
         update_estimators(estimators, logits, calibration)
         if labels is None:
             oracle = None

@@ -59,8 +59,12 @@ class Pipeline:
     """Runs the stages of one experiment with a training runner (local or Ray Train) and a tracker."""
 
     def __init__(self, cfg: ExperimentConfig, runner, tracker: Tracker, device: torch.device | str = "cpu",
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, progress: bool = False) -> None:
+        """``log`` receives one line per stage event; ``progress`` draws a progress bar (on stderr) over the
+        batches of the evaluation, estimate and pseudo-label passes."""
         self.cfg = cfg
+        self.progress = progress
+        self._stage_name = ""
         self.runner = runner
         self.tracker = tracker
         self.device = torch.device(device)
@@ -112,6 +116,7 @@ class Pipeline:
             manifest = directory.manifest()
         else:
             self.log(f"[{stage.name}] running")
+            self._stage_name = stage.name
             began = time.perf_counter()
             with self.tracker.stage(stage.name):
                 directory.begin()
@@ -172,7 +177,13 @@ class Pipeline:
         return build_model(self.cfg, path).to(self.device).eval()
 
     def loader(self, which: str, *, with_labels: bool = True, max_images: int | None = None):
-        return eval_loader(self.cfg, which, with_labels=with_labels, max_images=max_images)
+        """The evaluation loader of split ``which``; with ``progress``, wrapped in a progress bar."""
+        loader = eval_loader(self.cfg, which, with_labels=with_labels, max_images=max_images)
+        if not self.progress:
+            return loader
+        from tqdm import tqdm
+
+        return tqdm(loader, desc=f"  {self._stage_name} · {which}", unit="batch", leave=False, dynamic_ncols=True)
 
     def priors(self) -> dict[str, ClassPrior]:
         """Every prior the estimate stage wrote, by name (its index, ``priors.json``)."""

@@ -96,7 +96,7 @@ def estimate(job: JobContext, stage: StageDir) -> StageResult:
     methods = tuple(dict.fromkeys((prior_cfg.method, *METHODS)))
     found = estimate_target_priors(job.cfg, job.load(), job.adapted_model_path(), device=job.device,
                                    methods=methods, with_oracle=prior_cfg.oracle,
-                                   checkpoint_hash=job.adapted_model_sha256())
+                                   checkpoint_hash=job.adapted_model_sha256(), loader=job.loader)
     source = found.source
     outputs = {source_prior_name("pixel"): source.pixel, source_prior_name("image"): source.image,
                SOURCE_CALIBRATED: source.calibrated,
