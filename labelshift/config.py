@@ -428,7 +428,9 @@ def absolute_paths(cfg: ExperimentConfig, base: Path | None = None) -> Experimen
     workers, whose working directory differs, read and write the same files. List files stay relative to
     their dataset root; preset names and "imagenet" are not paths."""
     base = Path.cwd() if base is None else base
-    absolute = lambda value: None if value is None else str((base / value).resolve())  # noqa: E731
+    def absolute(value: str | None) -> str | None:  # URIs (s3://, gs://, ...) are left as they are
+        return None if value is None or "://" in value else str((base / value).resolve())
+
     cfg.output_dir = absolute(cfg.output_dir)
     for split in ("source", "source_val", "target", "target_val"):
         dataset = getattr(cfg.data, split)

@@ -54,14 +54,13 @@ class JobContext(Protocol):
 
 def _train(job: JobContext, stage: StageDir, train_stage: str, **payload_extra) -> dict:
     """Run a training stage through the job's runner; writes the model, ``checkpoint.json`` (the model's
-    sha256 and the training run it came from) and logs rank 0's loss curve to the stage's tracking run."""
+    sha256 and the training run it came from); the runner sends the training loss to the stage's run while it
+    trains (so a killed attempt keeps its curve)."""
     payload = {"stage": train_stage, "config": job.cfg.model_dump(mode="json"), **payload_extra}
     run_name = f"{job.cfg.name}-{stage.name}-{stage.run_key}"  # same work, same run: a re-run resumes it
     model_path = stage.partial / MODEL_FILE
-    summary = job.runner.fit(payload, run_name, model_path)
+    summary = job.runner.fit(payload, run_name, model_path, metric_sink=job.tracker.metric_sink())
     losses = summary.get("losses") or []
-    for step, loss in losses:
-        job.tracker.log_metrics({"train_loss": loss}, step=step)
     write_json_atomic(stage.partial / CHECKPOINT_INFO, {
         "model": MODEL_FILE, "sha256": checkpoint_sha256(model_path), "bytes": model_path.stat().st_size,
         "training_run": {"name": run_name, "location": job.runner.run_location(run_name)},

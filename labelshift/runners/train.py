@@ -3,8 +3,9 @@
 Both take the same JSON payload (see ``labelshift.train.stages``) and return the final model file and rank 0's
 summary. Given a metric sink (``Tracker.metric_sink()``), both send it the training loss as ``train_loss`` at its
 step while training runs, so a killed attempt keeps its curve. Only steps an attempt runs are sent: a resumed
-attempt starts after its checkpoint (steps re-run after a Ray Train worker restart are sent again, with the values
-of the run that counts). Ray is imported only inside :class:`RayTrainRunner`.
+attempt starts after its checkpoint. Steps re-run after a Ray Train worker restart (within one ``fit``) are sent
+again, so the run holds two points for them, the later one from the workers that carried on. Ray is imported only
+inside :class:`RayTrainRunner`.
 """
 from __future__ import annotations
 
