@@ -159,6 +159,7 @@ def cmd_make_splits(args: argparse.Namespace) -> int:
     """A seeded train/val split of a GTA5 or SYNTHIA directory: ``<root>/splits/{train,val}.txt``."""
     import numpy as np
 
+    from labelshift.atomic import write_text_atomic
     from labelshift.build import build_dataset
     from labelshift.classes import get_class_set
     from labelshift.config import DatasetConfig
@@ -175,7 +176,7 @@ def cmd_make_splits(args: argparse.Namespace) -> int:
     splits = Path(dataset.root) / "splits"
     splits.mkdir(parents=True, exist_ok=True)
     for name, stems in (("train", train), ("val", val)):
-        (splits / f"{name}.txt").write_text("".join(f"{stem}\n" for stem in stems))
+        write_text_atomic(splits / f"{name}.txt", "".join(f"{stem}\n" for stem in stems))
     print(f"{len(train)} train and {len(val)} val images listed in {splits}/train.txt and {splits}/val.txt")
     return 0
 

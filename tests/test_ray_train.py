@@ -1,6 +1,8 @@
-"""Ray Train on a real local Ray instance: 2-worker loops, DDP equivalence, a killed worker resumes."""
+"""Ray Train on the session's local Ray instance: the pipeline's training stages on 2 workers, DDP equivalence,
+a killed worker resumes."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -11,45 +13,79 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from labelshift.build import ensure_world  # noqa: E402
 from labelshift.pipeline import Pipeline  # noqa: E402
 from labelshift.runners import LocalTrainRunner, RayTrainRunner  # noqa: E402
-from labelshift.build import ensure_world  # noqa: E402
 from labelshift.tracking import Tracker  # noqa: E402
+
+RAY_STAGES = ("refine", "distill")  # the training stages after the shared pretrain (its loop: the DDP test)
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def two_worker_pipeline(local_ray, tiny_trained, tmp_path_factory):
+    """The demo pipeline after the shared pretrain/estimate stages, its training stages on 2 Ray Train workers
+    (1 CPU each); and the same pipeline with local (1-process) training, for comparison."""
+    from conftest import DEMO_CONFIG, tiny_overrides
+    from labelshift.config import load_config
+
+    runs = {}
+    for name in ("ray", "local"):
+        out = tiny_trained.copy_stages(tmp_path_factory.mktemp(f"pipeline_{name}") / "run")
+        cfg = load_config(DEMO_CONFIG, [*tiny_overrides(out, world=tiny_trained.world), "ray.num_workers=2",
+                                        "ray.cpus_per_worker=1"])
+        runner = RayTrainRunner(cfg.ray, out / "ray") if name == "ray" else LocalTrainRunner(out / "train")
+        logs: list[str] = []
+        summary = Pipeline(cfg, runner, Tracker(), log=logs.append).run()
+        runs[name] = {"out": out, "summary": summary, "logs": logs}
+    return runs
 
 
-def _make_world(cfg) -> None:
-    ensure_world(cfg, log=lambda m: None)
+def test_the_pipeline_trains_refine_and_distill_on_two_workers(two_worker_pipeline):
+    metrics = two_worker_pipeline["ray"]["summary"]["stages"]
+    for stage in RAY_STAGES:
+        assert (metrics[stage]["world_size"], metrics[stage]["steps_run"], metrics[stage]["resumed_from"]) == (2, 4, 0)
+    assert metrics["pretrain"]["world_size"] == 1  # the shared, local pretrain stage: skipped, not re-trained
 
 
-def test_every_loop_runs_on_two_workers(local_ray, tiny_cfg, tmp_path):
-    cfg = tiny_cfg("ray.num_workers=2", "ray.cpus_per_worker=1", out=tmp_path / "run")
-    runner = RayTrainRunner(cfg.ray, tmp_path / "ray")
-    summary = Pipeline(cfg, runner, Tracker(), log=lambda m: None).run()
-    for stage in ("pretrain", "refine", "distill"):
-        metrics = summary["stages"][stage]
-        assert metrics["world_size"] == 2 and metrics["steps_run"] == 4, (stage, metrics)
-        assert metrics["final_loss"] > 0
-    assert summary["rows"][-1]["model"] == "+self-distillation"
+def test_the_pipeline_on_ray_skips_the_shared_stages_and_runs_every_other(two_worker_pipeline):
+    logs = two_worker_pipeline["ray"]["logs"]
+    skipped = [line.split("]")[0][1:] for line in logs if line.endswith("skipped")]
+    ran = [line.split("]")[0][1:] for line in logs if line.endswith("] running")]
+    assert skipped == ["pretrain", "estimate"]
+    assert ran == ["evaluate_adapted", "refine", "evaluate_refined", "pseudo", "distill", "evaluate_distilled"]
+    rows = two_worker_pipeline["ray"]["summary"]["rows"]
+    assert [row["model"] for row in rows] == ["source-only (adapted model)", "+IA (estimated prior)",
+                                              "+IA (oracle prior)", "+CR (classifier refinement)",
+                                              "+self-distillation"]
 
 
-def test_two_ddp_workers_give_the_losses_of_one_worker(local_ray, tiny_cfg, tmp_path):
+def test_the_training_stages_record_their_ray_train_runs(two_worker_pipeline):
+    out = two_worker_pipeline["ray"]["out"]
+    for stage in RAY_STAGES:
+        info = json.loads((out / "stages" / stage / "checkpoint.json").read_text())
+        location = Path(info["training_run"]["location"])
+        assert location.parent == (out / "ray").resolve() and location.name == info["training_run"]["name"]
+        assert (location / "checkpoint_manager_snapshot.json").is_file()
+
+
+def test_refine_on_two_workers_gives_the_losses_of_one_worker(two_worker_pipeline):
+    """CR trains the head only (the backbone, BatchNorm included, is fixed): with the same global batch, 2 workers
+    give the losses of 1 (to the tolerance of the DDP test below); the evaluation before it is the same."""
+    ray_run, local = (two_worker_pipeline[name]["summary"]["stages"] for name in ("ray", "local"))
+    assert ray_run["evaluate_adapted"] == {**local["evaluate_adapted"],
+                                           "seconds": ray_run["evaluate_adapted"]["seconds"]}
+    assert ray_run["refine"]["final_loss"] == pytest.approx(local["refine"]["final_loss"], rel=2e-3)
+
+
+def test_two_ddp_workers_give_the_losses_of_one_worker(local_ray, shared_cfg, tmp_path):
     """Same global batch (4) and seed; frozen BatchNorm so that batch statistics cannot differ."""
-    cfg = tiny_cfg("model.frozen_bn=true", "ray.num_workers=2", "ray.cpus_per_worker=1", "train.source.lr=0.05",
-                   out=tmp_path / "run", iterations=6)
-    _make_world(cfg)
+    cfg = shared_cfg("model.frozen_bn=true", "ray.num_workers=2", "ray.cpus_per_worker=1", "train.source.lr=0.05",
+                     iterations=6)
     payload = {"stage": "source", "config": cfg.model_dump(mode="json")}
     two = RayTrainRunner(cfg.ray, tmp_path / "ray").fit(payload, "ddp2", tmp_path / "two.safetensors")
     one = LocalTrainRunner(tmp_path / "local").fit(payload, "one", tmp_path / "one.safetensors")
-    assert two["world_size"] == 2 and one["world_size"] == 1
-    steps = [s for s, _ in one["losses"]]
-    assert steps == [s for s, _ in two["losses"]] == [1, 2, 3, 4, 5, 6]
+    assert (two["world_size"], one["world_size"]) == (2, 1)
+    assert [s for s, _ in one["losses"]] == [s for s, _ in two["losses"]] == [1, 2, 3, 4, 5, 6]
     # Tolerance: each worker averages its loss over its own valid pixels and DDP averages the two means, while one
     # worker averages over all valid pixels at once; with (almost) no ignored pixels the two agree to float error.
     for (_, loss_one), (_, loss_two) in zip(one["losses"], two["losses"]):
@@ -64,7 +100,7 @@ def _parent_of(pid: int) -> int:
 
 def _descends_from_this_process(pid: int) -> bool:
     """Whether ``pid`` was started (through any chain of parents) by this test process: the local Ray instance
-    this module started, never another session's workers on the same machine."""
+    this test session started, never another session's workers on the same machine."""
     me = os.getpid()
     while pid > 1:
         pid = _parent_of(pid)
@@ -74,7 +110,7 @@ def _descends_from_this_process(pid: int) -> bool:
 
 
 def _train_worker_pids() -> list[int]:
-    """Ray Train worker processes (titled ``ray::RayTrainWorker...``) of the Ray instance this test started."""
+    """Ray Train worker processes (titled ``ray::RayTrainWorker...``) of the Ray instance this session started."""
     pids = []
     for entry in Path("/proc").iterdir():
         try:
@@ -86,29 +122,72 @@ def _train_worker_pids() -> list[int]:
     return pids
 
 
-def test_killed_worker_resumes_from_the_last_checkpoint(local_ray, tiny_cfg, tmp_path):
-    iterations = 240
-    cfg = tiny_cfg("ray.max_failures=1", "train.source.checkpoint_every=20", "train.source.log_every=20",
-                   out=tmp_path / "run", iterations=iterations, world_size="[128,64]")
-    _make_world(cfg)
+def _latest_checkpoint_step(snapshot: Path) -> int | None:
+    """The step of the newest checkpoint Ray Train registered (its checkpoint manager snapshot), None if none
+    yet (the snapshot is written in place: a half-written one reads as none)."""
+    try:
+        latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        return None
+    return None if latest is None else int(latest["metrics"]["step"])
+
+
+KILL_ITERATIONS, KILL_EVERY = 100, 20
+
+
+@pytest.fixture(scope="module")
+def killed_run(local_ray, tmp_path_factory):
+    """A 1-worker source run (its own 128x64 world: slower steps, so that the kill lands between two
+    checkpoints) whose worker is SIGKILLed as soon as its first checkpoint is registered; Ray Train restarts it
+    (max_failures=1). Returns the fit's summary, the checkpoint step registered when the worker was killed, the
+    killed pids and the run's storage."""
+    from conftest import DEMO_CONFIG, tiny_overrides
+    from labelshift.config import load_config
+
+    tmp = tmp_path_factory.mktemp("killed")
+    cfg = load_config(DEMO_CONFIG, [*tiny_overrides(tmp / "run", iterations=KILL_ITERATIONS, world_size="[128,64]"),
+                                    "ray.max_failures=1", f"train.source.checkpoint_every={KILL_EVERY}",
+                                    f"train.source.log_every={KILL_EVERY}"])
+    ensure_world(cfg, log=lambda m: None)
     payload = {"stage": "source", "config": cfg.model_dump(mode="json")}
-    storage = tmp_path / "ray"
+    storage = tmp / "ray"
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(
-        RayTrainRunner(cfg.ray, storage).fit(payload, "killme", tmp_path / "model.safetensors")))
+        RayTrainRunner(cfg.ray, storage).fit(payload, "killme", tmp / "model.safetensors")))
     thread.start()
-    killed = []
+    killed, seen = [], None
     deadline = time.time() + 240
     while not killed and time.time() < deadline and thread.is_alive():
-        if (storage / "killme" / "checkpoint_manager_snapshot.json").is_file():  # a checkpoint is registered
+        seen = _latest_checkpoint_step(storage / "killme" / "checkpoint_manager_snapshot.json")
+        if seen is not None:
             for pid in _train_worker_pids():
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
         time.sleep(0.05)
     thread.join(timeout=300)
     assert killed, "no worker was killed (training finished before the first checkpoint was seen?)"
-    assert 0 < result["resumed_from"] < iterations, result
-    assert result["resumed_from"] % 20 == 0
-    assert result["steps_run"] == iterations - result["resumed_from"]
-    assert result["losses"][-1][0] == iterations
-    assert Path(tmp_path / "model.safetensors").stat().st_size > 0
+    return {"result": result, "seen": seen, "killed": killed, "run": storage / "killme",
+            "model": tmp / "model.safetensors"}
+
+
+def test_a_killed_worker_resumes_from_the_checkpoint_registered_before_the_kill(killed_run):
+    result, seen = killed_run["result"], killed_run["seen"]
+    assert seen == KILL_EVERY  # the first checkpoint: the worker died before it reached the second
+    assert (result["resumed_from"], result["steps_run"]) == (seen, KILL_ITERATIONS - seen)
+    assert [step for step, _ in result["losses"]] == list(range(seen + KILL_EVERY, KILL_ITERATIONS + 1, KILL_EVERY))
+
+
+def test_the_restarted_worker_is_a_new_process(killed_run):
+    workers = killed_run["result"]["workers"]
+    assert len(workers) == 1 and workers[0]["pid"] not in killed_run["killed"]
+
+
+def test_a_killed_run_keeps_its_last_two_checkpoints_and_writes_the_final_model(killed_run):
+    run = killed_run["run"]
+    snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+    kept = snapshot["checkpoint_results"]
+    assert [entry["metrics"]["step"] for entry in kept] == [KILL_ITERATIONS - KILL_EVERY, KILL_ITERATIONS]
+    assert sorted(p.name for p in run.glob("checkpoint_*")) == sorted(entry["checkpoint_dir_name"] for entry in kept)
+    with open(killed_run["model"], "rb") as model, open(run / kept[-1]["checkpoint_dir_name"] / "model.safetensors",
+                                                        "rb") as final:
+        assert model.read() == final.read()

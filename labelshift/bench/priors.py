@@ -30,7 +30,7 @@ import torch
 from labelshift.adjust import ia_transform
 from labelshift.calibrate import Calibration, fit_calibration
 from labelshift.estimate import PIXEL_METHODS, estimate_prior, estimator_class
-from labelshift.atomic import write_json_atomic
+from labelshift.atomic import write_json_atomic, write_text_atomic
 from labelshift.config import AdjustConfig
 from labelshift.priors import ClassPrior, prior_l1
 
@@ -376,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sections += [f"## Embedded world ({args.world_config})", world_table(world)]
     report = "\n\n".join(sections) + "\n"
     summary = final_summary(world, digits)
-    (out / "priors_benchmark.md").write_text(report)
+    write_text_atomic(out / "priors_benchmark.md", report)
     write_json_atomic(out / "priors_benchmark.json", {"summary": summary, "world": world, "digits": digits})
     print(report)
     print(json.dumps(summary))
