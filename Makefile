@@ -7,7 +7,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test venv bench-priors clean
+.PHONY: demo test venv bench-priors clean serve bench-serve load-serve
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,14 +17,29 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# make demo [ARGS="section.key=value ... --progress lines"]: the console shows the stages, progress and results;
+# Ray's and MLflow's output goes to <output_dir>/logs/job.log
 demo: $(STAMP)
-	$(PY) ray_jobs/refine.py --config configs/demo.yaml
+	$(PY) ray_jobs/refine.py --config configs/demo.yaml $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not gpu" tests
+	$(PY) -m pytest -q -m "not gpu" --durations=25 tests
 
 bench-priors: $(STAMP)
 	$(PY) -m labelshift.bench.priors
+
+SERVE_BUNDLE := outputs/demo/stages/export/bundles/adapted
+
+# the HTTP server on 127.0.0.1:8000, serving make demo's adapted model with IA on its estimated prior
+serve: $(STAMP)
+	@test -f $(SERVE_BUNDLE)/bundle.json || { echo "make serve: no model bundle at $(SERVE_BUNDLE): run 'make demo' first (its export stage writes it)" >&2; exit 2; }
+	$(VENV)/bin/serve run serve/config.yaml
+
+bench-serve: $(STAMP)
+	$(PY) -m labelshift.bench.serve
+
+load-serve: $(STAMP)
+	$(PY) -m labelshift.bench.serve --load
 
 clean:
 	rm -rf $(VENV) outputs mlflow.db

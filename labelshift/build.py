@@ -24,7 +24,9 @@ def _create(cfg: ExperimentConfig, *, pretrained: str | None, frozen_bn: bool) -
     kwargs = {"frozen_bn": frozen_bn, "pretrained": pretrained}
     if cfg.model.name == "small":
         kwargs["width"] = cfg.model.width
-    return create_model(cfg.model.name, class_set_of(cfg).num_classes, **kwargs)
+    model = create_model(cfg.model.name, class_set_of(cfg).num_classes, **kwargs)
+    model.align_corners = cfg.model.align_corners
+    return model
 
 
 def build_model(cfg: ExperimentConfig, checkpoint: str | Path | None = None, *, fresh: bool = False) -> nn.Module:
@@ -33,7 +35,7 @@ def build_model(cfg: ExperimentConfig, checkpoint: str | Path | None = None, *, 
     # ImageNet/backbone weights only initialise a model that no checkpoint will overwrite
     model = _create(cfg, pretrained=None if path is not None else cfg.model.pretrained, frozen_bn=cfg.model.frozen_bn)
     if path is not None:
-        load_checkpoint(model, path)
+        load_checkpoint(model, path, class_set_of(cfg).names)
     return model
 
 
@@ -85,38 +87,56 @@ def build_dataset(ds_cfg: DatasetConfig, class_set: ClassSet, transform: Transfo
 
 
 def build_transforms_for(data_cfg: DataConfig, domain: Literal["source", "target"], train: bool,
-                         keep_label_size: bool | None = None) -> SegmentationTransform:
-    """The transform for ``domain`` images: resize to the domain's ``size``; when ``train``, add its
-    crop, scale range, flip and colour jitter. ``keep_label_size`` defaults to ``not train``
-    (evaluation is at full label resolution)."""
+                         keep_label_size: bool | None = None,
+                         size: tuple[int, int] | None = None) -> SegmentationTransform:
+    """The transform for ``domain`` images: resize to the domain's ``size`` (or ``size`` when given, for
+    evaluation); when ``train``, resize to its ``base_size`` instead and add its crop, scale range, flip, colour
+    jitter and hue. ``keep_label_size`` defaults to ``not train`` (evaluation is at full label resolution)."""
     if domain not in ("source", "target"):
         raise ValueError(f"domain must be 'source' or 'target', got {domain!r}")
     aug = data_cfg.source_transform if domain == "source" else data_cfg.target_transform
     if not train:
-        return build_transforms(train=False, size=aug.size, mean=data_cfg.mean, std=data_cfg.std,
-                                keep_label_size=True if keep_label_size is None else keep_label_size)
+        return build_transforms(train=False, size=size or aug.size, mean=data_cfg.mean, std=data_cfg.std,
+                                keep_label_size=True if keep_label_size is None else keep_label_size,
+                                interpolation=data_cfg.interpolation)
     return build_transforms(train=True, size=aug.size, crop_size=aug.crop_size, scale_range=aug.scale_range,
                             flip=aug.flip, color_jitter=aug.color_jitter, mean=data_cfg.mean, std=data_cfg.std,
-                            keep_label_size=bool(keep_label_size))
+                            keep_label_size=bool(keep_label_size), base_size=aug.base_size, hue=aug.hue,
+                            interpolation=data_cfg.interpolation)
 
 def build_split(cfg: ExperimentConfig, which: str, *, train: bool, with_labels: bool = True,
-                pseudo_label_dir: str | None = None, seed: int = 0):
+                pseudo_label_dir: str | None = None, seed: int = 0, size: tuple[int, int] | None = None):
     """A dataset of the experiment: ``which`` in source | source_val | target | target_val.
 
-    Training transforms (crop, scale, flip, jitter) when ``train``; else resize to the model input with the
-    label kept at full resolution.
+    Training transforms (crop, scale, flip, jitter) when ``train``; else resize to the model input (the
+    domain's size, or ``size``) with the label kept at full resolution.
     """
     ds_cfg: DatasetConfig | None = getattr(cfg.data, which)
     if ds_cfg is None:
         raise ConfigError(f"the configuration has no data.{which} split")
     domain = "source" if which.startswith("source") else "target"
-    transform = build_transforms_for(cfg.data, domain, train)
+    transform = build_transforms_for(cfg.data, domain, train, size=size)
     return build_dataset(ds_cfg, class_set_of(cfg), transform, with_labels=with_labels, seed=seed,
                          pseudo_label_dir=pseudo_label_dir)
 
 
-def eval_loader(cfg: ExperimentConfig, which: str, *, with_labels: bool = True, max_images: int | None = None) -> DataLoader:
-    dataset = build_split(cfg, which, train=False, with_labels=with_labels)
+def image_folder(cfg: ExperimentConfig, directory: str | Path) -> SegmentationFileDataset:
+    """Every ``*.png`` under ``directory`` (sorted) as unlabelled target images with the evaluation transform;
+    names are the file stems without Cityscapes' ``_leftImg8bit`` (batch prediction of any image folder)."""
+    from labelshift.data.io import DatasetError
+
+    paths = sorted(Path(directory).rglob("*.png"))
+    if not paths:
+        raise DatasetError(f"image directory {directory} contains no *.png images")
+    names = [path.name.removesuffix(".png").removesuffix("_leftImg8bit") for path in paths]
+    return SegmentationFileDataset([(path, None) for path in paths], names, class_set_of(cfg),
+                                   build_transforms_for(cfg.data, "target", train=False), "gray", None)
+
+
+def eval_loader(cfg: ExperimentConfig, which: str, *, with_labels: bool = True, max_images: int | None = None,
+                size: tuple[int, int] | None = None) -> DataLoader:
+    """Evaluation batches of split ``which`` at the model input ``size`` (default: the domain's size)."""
+    dataset = build_split(cfg, which, train=False, with_labels=with_labels, size=size)
     if max_images is not None and max_images < len(dataset):
         dataset = torch.utils.data.Subset(dataset, range(max_images))
     return DataLoader(dataset, batch_size=cfg.eval.batch_size, shuffle=False, num_workers=cfg.data.num_workers,

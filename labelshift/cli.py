@@ -39,12 +39,31 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out)
+    payload = {"stage": args.stage, "config": cfg.model_dump(mode="json"), "init_checkpoint": args.init,
+               **_stage_inputs(cfg, args)}
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"stage": args.stage, "config": cfg.model_dump(mode="json"), "init_checkpoint": args.init}
     summary = LocalTrainRunner(out / "checkpoints", args.device).fit(payload, args.stage, out / "model.safetensors")
     print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
     print(f"model written to {out / 'model.safetensors'}")
     return 0
+
+
+def _stage_inputs(cfg, args: argparse.Namespace) -> dict:
+    """What a refine or distill payload needs beyond the config: CR's priors, the student's pseudo labels."""
+    if args.stage == "refine":
+        from labelshift.estimate.from_config import refine_priors
+
+        if not (args.init or cfg.model.checkpoint):
+            raise UsageError("--stage refine needs the adapted model: --init CHECKPOINT or model.checkpoint")
+        source, target = refine_priors(cfg, args.target_prior, args.source_prior)
+        return {"source_prior": source.to_dict(), "target_prior": target.to_dict()}
+    if args.source_prior or args.target_prior:
+        raise UsageError("--source-prior and --target-prior are for --stage refine")
+    if args.stage == "distill":
+        if not args.pseudo_labels:
+            raise UsageError("--stage distill needs --pseudo-labels DIR (<stem>.png trainIds of target train)")
+        return {"pseudo_label_dir": str(Path(args.pseudo_labels).resolve())}
+    return {}
 
 
 def format_iou_table(class_names, summary: dict) -> str:
@@ -181,6 +200,18 @@ def cmd_make_splits(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Batch prediction in this process (``ray_jobs/predict.py`` runs the same on Ray Data)."""
+    from labelshift.build import eval_loader
+    from labelshift.predict import prediction_inputs
+    from labelshift.runners.data import InProcessPasses, run_labelling
+
+    cfg, dataset, settings, priors_used = prediction_inputs(args)
+    passes = InProcessPasses(torch.device(args.device), lambda which, **kw: eval_loader(cfg, which, **kw))
+    run_labelling(passes, cfg, args.checkpoint, dataset, Path(args.out).resolve(), settings, priors_used)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labelshift", description="label-shift correction for segmentation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -189,7 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train one stage in this process")
     _common(train, checkpoint=False)
     train.add_argument("--stage", default="source", choices=("source", "refine", "distill"))
-    train.add_argument("--init", default=None, help="initial checkpoint")
+    train.add_argument("--init", default=None, help="initial checkpoint (refine: default model.checkpoint)")
+    train.add_argument("--target-prior", default=None,
+                       help="refine: the target prior, a preset or JSON file (default: prior.target_prior)")
+    train.add_argument("--source-prior", default=None,
+                       help="refine: the source prior (default: the configured source prior of the target's kind)")
+    train.add_argument("--pseudo-labels", default=None, help="distill: directory of <stem>.png pseudo labels")
     train.add_argument("--out", required=True, help="output directory")
     train.set_defaults(func=cmd_train)
 
@@ -225,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seed of the pixel samples and the bootstrap (default: the config's prior.seed)")
     est.add_argument("--out", required=True, help="prior JSON (the source prior and calibration go beside it)")
     est.set_defaults(func=cmd_estimate_prior)
+
+    pred = sub.add_parser("predict", help="label PNGs (Cityscapes labelIds, trainIds or colours) of a folder or split")
+    from labelshift.predict import add_arguments
+
+    add_arguments(pred)
+    pred.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    pred.set_defaults(func=cmd_predict)
 
     splits = sub.add_parser("make-splits", help="seeded train/val lists of a GTA5 or SYNTHIA directory")
     splits.add_argument("--dataset", required=True, choices=("gta5", "synthia"))

@@ -14,10 +14,12 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from labelshift.sweep_space import SweepConfig, space_errors
+
 PositiveInt = Annotated[int, Field(ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 PipelineStage = Literal["pretrain", "estimate", "evaluate_adapted", "refine", "evaluate_refined", "pseudo",
-                        "distill", "evaluate_distilled"]
+                        "distill", "evaluate_distilled", "export"]
 PIPELINE_STAGES: tuple[str, ...] = get_args(PipelineStage)
 
 
@@ -33,6 +35,7 @@ class WorldConfig(_Strict):
 
     seed: int = 0
     size: tuple[int, int] | None = None  # (width, height)
+    source_layout: Literal["gta5", "synthia"] | None = None  # the source's on-disk layout (default gta5)
     num_source: int | None = None
     num_target_train: int | None = None
     num_target_val: int | None = None
@@ -46,6 +49,7 @@ class WorldConfig(_Strict):
     target_color_cast: float | None = None
     target_blur_sigma: float | None = None
     target_extra_noise_std: float | None = None
+    target_select_fraction: float | None = None
 
     @model_validator(mode="after")
     def _check_knobs(self) -> "WorldConfig":
@@ -65,13 +69,20 @@ class DatasetConfig(_Strict):
 
 
 class TransformConfig(_Strict):
-    """Images are resized to ``size``; training adds random scale, crop, flip and colour jitter."""
+    """Images are resized to ``size``; training adds random scale, crop, flip and colour jitter.
+
+    ``base_size``: training resizes to it (instead of ``size``) before the random scale and crop, e.g. the full
+    2048x1024 Cityscapes frame so that crops at scales >= 0.5 need no padding. ``color_jitter``: brightness,
+    contrast and saturation strength; ``hue``: hue shift strength (a fraction of the colour wheel, as
+    torchvision's ColorJitter)."""
 
     size: tuple[PositiveInt, PositiveInt]  # (width, height) the model sees
+    base_size: tuple[PositiveInt, PositiveInt] | None = None  # (width, height) before scale/crop in training
     crop_size: tuple[PositiveInt, PositiveInt] | None = None  # (width, height) random crop for training
     scale_range: tuple[PositiveFloat, PositiveFloat] = (1.0, 1.0)
     flip: bool = True
     color_jitter: float = Field(0.0, ge=0.0, le=1.0)
+    hue: float = Field(0.0, ge=0.0, le=0.5)
 
     @model_validator(mode="after")
     def _ordered_scales(self) -> "TransformConfig":
@@ -85,13 +96,25 @@ class DataConfig(_Strict):
     target: DatasetConfig
     source_val: DatasetConfig | None = None  # labelled source split for calibration / BBSE / model selection
     target_val: DatasetConfig
+    # labelled held-out subset of target train for model selection (sweeps); never the evaluation split, and
+    # kept out of ``target`` (the unlabelled pool the priors are estimated on): docs in README "Sweeps"
+    target_select: DatasetConfig | None = None
     world: WorldConfig | None = None  # set: generate the embedded world under ``source.root``'s parent
     class_set: Literal["cityscapes19", "synthia16"] = "cityscapes19"
     source_transform: TransformConfig | None = None  # default: resize to 1280x720 (GTA5 in the reference)
     target_transform: TransformConfig | None = None  # default: resize to 1024x512 (Cityscapes in the reference)
     num_workers: int = Field(0, ge=0)
+    interpolation: Literal["area_linear", "bicubic"] = "area_linear"  # image resizing (labels: nearest)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @model_validator(mode="after")
+    def _world_layout_is_the_source_kind(self) -> "DataConfig":
+        layout = (self.world.source_layout or "gta5") if self.world is not None else None
+        if layout is not None and self.source.kind != layout:
+            raise ValueError(f"the embedded world writes a {layout} source (data.world.source_layout), but "
+                             f"data.source.kind is {self.source.kind!r}")
+        return self
 
     @model_validator(mode="after")
     def _default_transforms(self) -> "DataConfig":
@@ -108,6 +131,7 @@ class ModelConfig(_Strict):
     pretrained: str | None = None  # None | "imagenet" (torchvision weights) | path to a backbone file
     checkpoint: str | None = None  # adapted model to start from (reference/FADA format or ours)
     width: PositiveInt = 32  # small model only
+    align_corners: bool = False  # bilinear upsampling of the logits to label size (FADA/the reference: True)
 
     @field_validator("name")
     @classmethod
@@ -121,8 +145,10 @@ class ModelConfig(_Strict):
 
 class OptimConfig(_Strict):
     optimizer: Literal["sgd", "adam"] = "sgd"  # the reference recipe is SGD; adam trains the small CPU model faster
-    iterations: PositiveInt = 1000
+    iterations: PositiveInt = 1000  # steps trained
+    schedule_iterations: PositiveInt | None = None  # poly LR horizon (the reference's MAX_ITER); None: iterations
     batch_size: PositiveInt = 8  # global batch, split across workers
+    sampler: Literal["uniform", "class_balanced"] = "uniform"  # class_balanced: FADA's source sampler
     lr: PositiveFloat = 2.5e-4  # backbone LR; the head trains at ``head_lr_mult`` times it (reference: 10)
     head_lr_mult: PositiveFloat = 10.0
     momentum: float = Field(0.9, ge=0.0, lt=1.0)  # SGD only
@@ -133,6 +159,13 @@ class OptimConfig(_Strict):
     seed: int = 0
     amp_bf16: bool = True  # bf16 autocast + channels_last when training on CUDA
 
+    @model_validator(mode="after")
+    def _horizon_covers_the_run(self) -> "OptimConfig":
+        if self.schedule_iterations is not None and self.schedule_iterations < self.iterations:
+            raise ValueError(f"schedule_iterations ({self.schedule_iterations}) must be >= iterations "
+                             f"({self.iterations}): the poly schedule would go below 0")
+        return self
+
 
 class DistillConfig(OptimConfig):
     """Self-distillation. ``init: fresh`` builds the student as ``model.name`` with ``student_pretrained`` weights
@@ -140,14 +173,22 @@ class DistillConfig(OptimConfig):
     the adapted model. ``sync_bn`` converts the student's BatchNorm to SyncBatchNorm on multi-GPU runs."""
 
     init: Literal["fresh", "adapted"] = "fresh"
+    targets: Literal["hard", "soft"] = "hard"  # hard pseudo labels (the reference) or the top-k soft labels
     student_pretrained: str | None = None  # fresh student: None | "imagenet" | path to a backbone file
     student_frozen_bn: bool = False
     sync_bn: bool = False
 
 
+class RefineConfig(OptimConfig):
+    """Classifier Refinement: ``tau`` is the strength of the prior terms of the logit-adjusted loss,
+    ``CE(z + τ·(log π_s − log π_t), y)`` (the reference: 1)."""
+
+    tau: float = Field(1.0, ge=0.0)
+
+
 class TrainConfig(_Strict):
     source: OptimConfig = OptimConfig()
-    refine: OptimConfig = OptimConfig(iterations=40000, lr=2.5e-4)
+    refine: RefineConfig = RefineConfig(iterations=40000, lr=2.5e-4)
     distill: DistillConfig = DistillConfig(iterations=20000, lr=5e-4)
 
 
@@ -172,7 +213,12 @@ class PriorConfig(_Strict):
 
     method: str = "em"
     calibration: Literal["none", "temperature", "bcts"] = "bcts"
-    source_prior: str | None = None  # preset name or JSON path; None: exact statistics of the source split
+    # Source priors (preset name or JSON path). ``source_prior`` may be of either kind and takes the place of
+    # its kind; ``source_pixel_prior`` / ``source_image_prior`` name each kind. A kind left unset: the exact
+    # statistics of the source split's labels.
+    source_prior: str | None = None
+    source_pixel_prior: str | None = None
+    source_image_prior: str | None = None
     target_prior: str | None = None  # preset name or JSON path; None: estimate
     em_sample_pixels: PositiveInt = 200_000
     presence_threshold: float = Field(0.001, ge=0.0, lt=1.0)
@@ -193,9 +239,19 @@ class PriorConfig(_Strict):
 
 class PseudoConfig(_Strict):
     """Pseudo labels for self-distillation: pixels whose teacher confidence is below ``confidence_threshold``
-    are ignored (255)."""
+    are ignored (255). Per image the pseudo stage writes a hard trainId PNG and a confidence PNG at the label
+    resolution and, with ``soft``, soft labels (the ``top_k`` classes and their probabilities quantised to
+    uint8) at ``soft_grid`` (``output``: the model's own logit grid; ``input``: the model input size) in
+    Parquet (``labelshift.pseudo``). ``decide_at``: where the hard label and confidence are decided before
+    being written at the label resolution (``input``: on logits upsampled to the model input, then nearest;
+    ``label``: on logits upsampled to the label resolution, as the reference does; 4x the work at 2x)."""
 
     confidence_threshold: float = Field(0.0, ge=0.0, lt=1.0)
+    soft: bool = True
+    top_k: int = Field(3, ge=1, le=255)
+    soft_grid: Literal["output", "input"] = "output"
+    decide_at: Literal["input", "label"] = "input"
+    teacher: Literal["refined", "adapted_ia"] = "refined"  # the CR model, or the adapted model with IA (target)
 
 
 class RayConfig(_Strict):
@@ -205,6 +261,9 @@ class RayConfig(_Strict):
     cpus_per_worker: PositiveFloat = 1.0
     max_failures: int = Field(1, ge=-1)  # -1: retry forever (Ray's FailureConfig)
     storage_path: str | None = None  # default: <output_dir>/ray
+    data_actors: PositiveInt = 1  # model actors of the Ray Data passes (estimate, evaluate, pseudo labels)
+    data_cpus_per_actor: PositiveFloat = 1.0  # CPUs each model actor reserves (and its torch threads, unless
+    # runtime.torch_threads is set); with use_gpu each actor also takes one GPU
 
 
 class TrackingConfig(_Strict):
@@ -218,6 +277,8 @@ class EvalConfig(_Strict):
     amp_bf16: bool = True  # bf16 autocast + channels_last when evaluating on CUDA (as training does)
     flip: bool = False
     scales: tuple[PositiveFloat, ...] = Field((1.0,), min_length=1)
+    # model input (width, height) per evaluated model; unset: data.target_transform.size
+    input_sizes: dict[Literal["adapted", "refined", "distilled"], tuple[PositiveInt, PositiveInt]] = {}
     subset: tuple[str, ...] | None = None  # also report mIoU over these classes (miou_subset); synthia16 runs
     # always report mIoU* over the published 13 classes (miou_13) as well
 
@@ -245,11 +306,19 @@ class ExperimentConfig(_Strict):
     tracking: TrackingConfig = TrackingConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     stages: tuple[PipelineStage, ...] = PIPELINE_STAGES
+    sweep: SweepConfig | None = None  # ray_jobs/sweep.py only (no stage reads it); README "Sweeps"
 
     @model_validator(mode="after")
     def _expand_output_dir(self) -> "ExperimentConfig":
         if "${name}" in self.output_dir:
             self.output_dir = self.output_dir.replace("${name}", self.name)
+        return self
+
+    @model_validator(mode="after")
+    def _class_balanced_only_on_labelled_source(self) -> "ExperimentConfig":
+        if self.train.distill.sampler != "uniform":
+            raise ValueError("train.distill.sampler: the class-balanced sampler draws from source labels; the "
+                             "distillation student trains on pseudo labels (use uniform)")
         return self
 
     @model_validator(mode="after")
@@ -261,6 +330,14 @@ class ExperimentConfig(_Strict):
             unknown = [name for name in self.eval.subset if name not in names]
             if unknown:
                 raise ValueError(f"eval.subset names {unknown}, not classes of {self.data.class_set} {list(names)}")
+        return self
+
+    @model_validator(mode="after")
+    def _swept_values_valid(self) -> "ExperimentConfig":
+        if self.sweep is not None:
+            errors = space_errors(self.model_dump(mode="json"), ExperimentConfig.model_validate)
+            if errors:
+                raise ValueError("; ".join(errors))
         return self
 
 
@@ -432,7 +509,7 @@ def absolute_paths(cfg: ExperimentConfig, base: Path | None = None) -> Experimen
         return None if value is None or "://" in value else str((base / value).resolve())
 
     cfg.output_dir = absolute(cfg.output_dir)
-    for split in ("source", "source_val", "target", "target_val"):
+    for split in ("source", "source_val", "target", "target_val", "target_select"):
         dataset = getattr(cfg.data, split)
         if dataset is not None:
             dataset.root = absolute(dataset.root)

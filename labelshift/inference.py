@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from labelshift.metrics import ConfusionMatrix
-from labelshift.models import upsample_logits
+from labelshift.models import align_corners_of, upsample_logits
 
 LogitTransform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -28,17 +28,20 @@ def autocast_for(device: torch.device, amp_dtype: torch.dtype | None):
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, output_size: tuple[int, int], *, device: torch.device,
+def predict(model: nn.Module, images: torch.Tensor, output_size: tuple[int, int] | None, *, device: torch.device,
             flip: bool = False, scales: tuple[float, ...] = (1.0,), amp_dtype: torch.dtype | None = None,
             input_size: tuple[int, int] | None = None,
             row_sizes: list[tuple[int, int]] | None = None) -> torch.Tensor:
-    """images: (N, 3, h, w) normalised -> logits (N, K, H, W) float32 at ``output_size`` = (H, W).
+    """images: (N, 3, h, w) normalised -> logits (N, K, H, W) float32 at ``output_size`` = (H, W), or at the
+    model's own output grid when ``output_size`` is None (one scale only).
 
     ``input_size`` (height, width): resize the images to the model input first (bilinear). ``row_sizes``: the
     (height, width) of each image's own label when they differ: each row is upsampled to its size and
     zero-padded to ``output_size``. With several scales or ``flip``, the upsampled logits of every view are
     averaged; the model runs once per view for the whole batch.
     """
+    if output_size is None and len(scales) > 1:
+        raise ValueError("logits at the model's output grid (output_size=None) need a single scale")
     images = images.to(device, non_blocking=True)
     if input_size is not None and tuple(images.shape[-2:]) != tuple(input_size):
         images = F.interpolate(images, size=tuple(input_size), mode="bilinear", align_corners=False)
@@ -53,21 +56,23 @@ def predict(model: nn.Module, images: torch.Tensor, output_size: tuple[int, int]
             batch = scaled.flip(-1) if flipped else scaled
             with autocast_for(device, amp_dtype):
                 logits = model(batch)
-            logits = _upsample_rows(logits.float(), output_size, row_sizes, flipped)
+            logits = _upsample_rows(logits.float(), output_size, row_sizes, flipped, align_corners_of(model))
             total = logits if total is None else total + logits
             views += 1
     return total / views
 
 
-def _upsample_rows(logits: torch.Tensor, output_size: tuple[int, int], row_sizes: list[tuple[int, int]] | None,
-                   flipped: bool) -> torch.Tensor:
+def _upsample_rows(logits: torch.Tensor, output_size: tuple[int, int] | None, row_sizes: list[tuple[int, int]] | None,
+                   flipped: bool, align_corners: bool = False) -> torch.Tensor:
     """Logits upsampled to ``output_size`` (or each row to its own size, zero-padded), un-flipped if needed."""
+    if output_size is None:
+        return logits.flip(-1) if flipped else logits
     if row_sizes is None:
-        logits = upsample_logits(logits, output_size)
+        logits = upsample_logits(logits, output_size, align_corners=align_corners)
         return logits.flip(-1) if flipped else logits
     rows = []
     for row, (height, width) in zip(logits, row_sizes):
-        upsampled = upsample_logits(row[None], (height, width))
+        upsampled = upsample_logits(row[None], (height, width), align_corners=align_corners)
         upsampled = upsampled.flip(-1) if flipped else upsampled
         rows.append(F.pad(upsampled, (0, output_size[1] - width, 0, output_size[0] - height)))
     return torch.cat(rows)
@@ -116,16 +121,20 @@ def sample_pixels(model: nn.Module, loader: Iterable[dict], *, device: torch.dev
                   seed: int = 0, amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded random sample of labelled pixels: logits (N, K) float32 and labels (N,) int64 (ignore dropped).
 
-    Used to fit calibration and to measure the source confusion on a labelled split.
+    Up to ``pixels_per_image`` valid pixels of each image, drawn from a key of the image's name
+    (:mod:`labelshift.sampling`), in the loader's order: the same sample however the split is batched or
+    sharded. Used to fit calibration and to measure the source confusion on a labelled split.
     """
-    generator = torch.Generator().manual_seed(seed)
+    from labelshift.sampling import CALIBRATION_PIXELS, keyed_generator, name_key
+
     logit_rows, label_rows = [], []
-    for logits, labels, _ in iterate_predictions(model, loader, device=device, amp_dtype=amp_dtype):
-        flat_logits = logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1]).cpu()
-        flat_labels = labels.reshape(-1)
-        valid = torch.nonzero(flat_labels != 255).squeeze(1)
-        take = min(len(valid), pixels_per_image * logits.shape[0])
-        chosen = valid[torch.randperm(len(valid), generator=generator)[:take]]
-        logit_rows.append(flat_logits[chosen])
-        label_rows.append(flat_labels[chosen])
+    for logits, labels, names in iterate_predictions(model, loader, device=device, amp_dtype=amp_dtype):
+        flat_logits = logits.permute(0, 2, 3, 1).reshape(logits.shape[0], -1, logits.shape[1]).cpu()
+        flat_labels = labels.reshape(labels.shape[0], -1)
+        for row, name in enumerate(names):
+            valid = torch.nonzero(flat_labels[row] != 255).squeeze(1)
+            order = keyed_generator(seed, CALIBRATION_PIXELS, name_key(name)).permutation(len(valid))
+            chosen = valid[torch.from_numpy(order[:pixels_per_image])]
+            logit_rows.append(flat_logits[row, chosen])
+            label_rows.append(flat_labels[row, chosen])
     return torch.cat(logit_rows), torch.cat(label_rows)

@@ -1,7 +1,7 @@
 """MLflow tracking for the pipeline (mlflow is imported lazily, only when tracking is enabled).
 
-One parent run per job (the resolved config as flat params and as a ``config.json`` artifact, the summary table
-as artifacts) and one nested run per stage (metrics, artifacts, and the training loss while it trains, through a
+One parent run per job (the resolved config as flat params and as a ``config.json`` artifact, the process's
+runtime environment as ``environment.json`` and a few ``labelshift.*`` tags, the summary table as artifacts) and one nested run per stage (metrics, artifacts, and the training loss while it trains, through a
 :class:`MlflowMetricSink`). Runs end FINISHED or FAILED; on SIGTERM/SIGINT they end KILLED. Runs of the same
 output directory left RUNNING by a job that was SIGKILLed are closed as KILLED when the job restarts.
 
@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 from labelshift.config import ConfigError, ExperimentConfig, dump_config, flatten
+from labelshift.runtime import runtime_environment
 
 OUTPUT_TAG = "labelshift.output_dir"
 CONFIG_ARTIFACT = "config.json"
+ENVIRONMENT_ARTIFACT = "environment.json"  # labelshift.runtime.runtime_environment() of the job's driver
 ARTIFACTS_DIR = "mlartifacts"  # next to a sqlite database: the artifact location of the experiments it creates
 WORKING_DIR_COPIES = "working_dir_files"  # Ray copies a job's working dir to .../working_dir_files/_ray_pkg_<hash>
 
@@ -191,6 +193,16 @@ class Tracker:
         return None
 
 
+def environment_tags(environment: dict[str, Any]) -> dict[str, str]:
+    """The tags of a job's parent run that say where its numbers came from (``runtime_environment()``): CPU and
+    GPU model, torch's thread count, deterministic algorithms, and the versions of torch, ray and mlflow."""
+    packages = environment["packages"]
+    return {"labelshift.cpu": environment["cpu"], "labelshift.gpu": ", ".join(environment["gpu"]) or "none",
+            "labelshift.torch_threads": str(environment["torch_threads"]),
+            "labelshift.deterministic": str(environment["deterministic_algorithms"]).lower(),
+            **{f"labelshift.version.{name}": str(packages.get(name)) for name in ("torch", "ray", "mlflow")}}
+
+
 def _status_of(exc: BaseException | None) -> str:
     if exc is None:
         return "FINISHED"
@@ -258,13 +270,18 @@ class MlflowTracker(Tracker):
 
     @contextlib.contextmanager
     def job(self, cfg: ExperimentConfig) -> Iterator["MlflowTracker"]:
-        """The job's parent run: the resolved config as ``config.json`` and as flat params."""
+        """The job's parent run: the resolved config as ``config.json`` and as flat params; this process's runtime
+        environment (versions, CPU/GPU, threads: apply the runtime settings first) as ``environment.json`` and
+        tags."""
         output_dir = str(Path(cfg.output_dir).resolve())
         self._close_orphans(output_dir)
-        with self._run(run_name=cfg.name, experiment_id=self.experiment_id, tags={OUTPUT_TAG: output_dir}) as run:
+        environment = runtime_environment()
+        with self._run(run_name=cfg.name, experiment_id=self.experiment_id,
+                       tags={OUTPUT_TAG: output_dir, **environment_tags(environment)}) as run:
             self.parent_run_id = run.info.run_id
             config = dump_config(cfg)
             self._mlflow.log_dict(config, CONFIG_ARTIFACT)
+            self._mlflow.log_dict(environment, ENVIRONMENT_ARTIFACT)
             self.log_params(flatten(config))
             yield self
 

@@ -7,6 +7,13 @@ Without a cluster address (``ray.address`` / ``RAY_ADDRESS``) it starts a local 
 from the temporary copy `ray job submit --working-dir` makes of the code, and whose output_dir, ray.storage_path
 or MLflow store would land in that copy, stops before it starts Ray with one ``refine.py: error:`` line naming
 them (exit status 2), as does any other configuration error.
+
+The console shows one line per stage, the training steps and loss (a progress bar on a terminal, a line per
+quarter of a run otherwise, e.g. in ``ray job logs``), evaluation progress bars on a terminal, and the results
+table. Ray's and MLflow's own output (banners, the Ray Train controller's INFO lines, worker output, alembic's
+table creation) goes to ``<output_dir>/logs/job.log``, whose path is printed first. A failing job prints its
+error and the log's path (the traceback is in the log) and exits with status 1; a stopped one (SIGTERM, e.g.
+``ray job stop``) exits with status 143.
 """
 from __future__ import annotations
 
@@ -17,10 +24,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working directory of `ray job submit`
 
-from labelshift.config import ConfigError, load_config  # noqa: E402
+from labelshift.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
+from labelshift.console import Console, job_console  # noqa: E402
 from labelshift.pipeline import Pipeline  # noqa: E402
+from labelshift.progress import step_progress  # noqa: E402
 from labelshift.runners import RayTrainRunner  # noqa: E402
-from labelshift.tracking import build_tracker, check_outside_working_dir_copy, terminate_on_sigterm  # noqa: E402
+from labelshift.runners.data import RayDataPasses  # noqa: E402
+from labelshift.runtime import apply_runtime  # noqa: E402
+from labelshift.tracking import (JobTerminated, build_tracker, check_outside_working_dir_copy,  # noqa: E402
+                                 terminate_on_sigterm)
+
+JOB_LOG = Path("logs") / "job.log"  # under output_dir
+NAME = Path(__file__).name
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,23 +44,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stages", default=None,
                         help="comma-separated stages to run, in pipeline order (default: the config's `stages`); "
                              "each needs its upstream stages complete")
+    parser.add_argument("--progress", choices=("auto", "bars", "lines", "off"), default="auto",
+                        help="training and evaluation progress: bars (redrawn in place), lines (a line per quarter "
+                             "of a training run), off; auto (default): bars when stderr is a terminal, else lines")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_job(cfg: ExperimentConfig, stages: tuple[str, ...] | None, console: Console, progress: str) -> None:
+    """Start (or join) Ray, open the job's MLflow run and run the pipeline, its lines and bars on ``console``."""
     import ray
     import torch
 
-    args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        check_outside_working_dir_copy(cfg)
-        tracker = build_tracker(cfg)
-    except ConfigError as err:
-        print(f"{Path(__file__).name}: error: {err}", file=sys.stderr)
-        return 2
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    apply_runtime(cfg.runtime.torch_threads, cfg.runtime.deterministic)  # before the environment is recorded
+    tracker = build_tracker(cfg)
     # Inside `ray job submit`, RAY_ADDRESS names the cluster. Otherwise start a fresh local instance ("local"),
     # never attach to whatever cluster /tmp/ray last recorded.
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
@@ -54,13 +66,45 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address=address)
     try:
         device = torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
-        runner = RayTrainRunner(cfg.ray, cfg.ray.storage_path or Path(cfg.output_dir) / "ray")
-        stages = tuple(args.stages.split(",")) if args.stages else None
+        runner = RayTrainRunner(cfg.ray, cfg.ray.storage_path or Path(cfg.output_dir) / "ray",
+                                progress=step_progress(progress, stream=console.err, log=console.line))
         with terminate_on_sigterm(), tracker.job(cfg):
-            Pipeline(cfg, runner, tracker, device=device).run(stages)
+            Pipeline(cfg, runner, tracker, device=device, log=console.line, progress=progress == "bars",
+                     progress_stream=console.err, passes=RayDataPasses()).run(stages)
     finally:
         if started_here:
             ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check_outside_working_dir_copy(cfg)
+    except ConfigError as err:
+        print(f"{NAME}: error: {err}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # worker output goes to the job log: no colour codes
+    stages = tuple(args.stages.split(",")) if args.stages else None
+    with job_console(Path(cfg.output_dir) / JOB_LOG) as console:
+        console.line(f"job log (Ray, MLflow, worker output): {console.log_path}")
+        progress = args.progress if args.progress != "auto" else ("bars" if console.is_terminal else "lines")
+        try:
+            run_job(cfg, stages, console, progress)
+        except ConfigError as err:
+            console.error(f"{NAME}: error: {err}")
+            return 2
+        except Exception as err:  # noqa: BLE001 - the job's last word: the error on the console, the traceback logged
+            console.log_traceback()
+            console.error(f"{NAME}: error: {type(err).__name__}: {err}\n{NAME}: traceback and logs: "
+                          f"{console.log_path}")
+            return 1
+        except (JobTerminated, KeyboardInterrupt) as err:
+            console.log_traceback()
+            console.error(f"{NAME}: stopped ({err or type(err).__name__}); re-run the same command to resume. "
+                          f"Logs: {console.log_path}")
+            return 143 if isinstance(err, JobTerminated) else 130
     return 0
 
 

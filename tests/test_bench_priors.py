@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("sklearn")
 
 from labelshift.bench.priors import DIGITS_ACCURACIES, DIGITS_METHODS, main, sample_target  # noqa: E402
+from labelshift.estimate import METHODS  # noqa: E402
 
 TINY_WORLD = [
     "data.world.num_source=40", "data.world.num_target_train=24", "data.world.num_target_val=16",
@@ -83,18 +84,44 @@ def test_digits_markdown_report(digits_run):
     assert "| em_bcts |" in report and "α=0.1" in report and "IA, oracle prior" in report
 
 
-def test_world_part_on_a_tiny_world(tmp_path, capsys):
+WORLD_METHODS = set(METHODS)  # every registered estimator runs in the estimate stage
+
+
+def _recovered(world: dict, method: str) -> float | None:
+    gain = world["oracle_gain"]
+    return (world[f"{method}_ia_miou"] - world["no_adjust_miou"]) / gain if gain > 1e-9 else None
+
+
+def test_world_part_generates_its_world_under_out(tmp_path, capsys):
+    """Without data roots in the overrides, the world part generates its own world (other knobs than the
+    session's shared world) under --out and runs pretrain, estimate and evaluate_adapted on it."""
     line, written = _run(["--out", str(tmp_path), "--digits-seeds", "1", "--digits-concentrations", "1.0",
                           *TINY_WORLD], capsys)
-    world = line["world"]
-    for key in ("no_adjust_miou", "oracle_ia_miou", "oracle_gain"):
-        assert math.isfinite(world[key])
-    methods = written["world"]["methods"]
-    assert {"em", "bbse", "count", "soft_count", "reference", "presence"} <= set(methods)
-    for method in methods:
-        assert math.isfinite(world[f"{method}_l1"]) and world[f"{method}_l1"] >= 0
-        assert math.isfinite(world[f"{method}_ia_miou"])
-        recovered = world[f"{method}_recovered_fraction"]
-        assert math.isfinite(recovered) if world["oracle_gain"] > 1e-9 else recovered is None
+    world = written["world"]
     assert (tmp_path / "world" / "data" / "world.json").is_file()  # the world lives under --out
+    manifest = json.loads((tmp_path / "world" / "data" / "world.json").read_text())
+    assert (manifest["knobs"]["num_target_train"], manifest["knobs"]["num_target_val"]) == (24, 16)
+    assert set(world["methods"]) == WORLD_METHODS
+    for method in WORLD_METHODS:
+        assert world[f"{method}_recovered_fraction"] == _recovered(world, method)
+        assert line["world"][f"{method}_l1"] == world[f"{method}_l1"]
     assert "| em | pixel |" in (tmp_path / "priors_benchmark.md").read_text()
+
+
+def test_world_part_reports_the_estimate_stage_of_its_run(tiny_trained, tmp_path, capsys):
+    """On the shared world, with the shared pretrain/estimate stages copied under --out (so that only
+    evaluate_adapted runs), the world numbers are the estimate stage's metrics."""
+    from conftest import DEMO_CONFIG
+
+    tiny_trained.copy_stages(tmp_path / "world")  # the world part's output_dir is <out>/world
+    _, written = _run(["--out", str(tmp_path), "--world-config", str(DEMO_CONFIG), "--digits-seeds", "1",
+                       "--digits-concentrations", "1.0", *tiny_trained.overrides], capsys)
+    world = written["world"]
+    estimate = tiny_trained.manifest("estimate")["metrics"]
+    assert json.loads((tmp_path / "world" / "stages" / "estimate" / "manifest.json").read_text())["commit"] == \
+        tiny_trained.manifest("estimate")["commit"]  # skipped, not re-run
+    assert world["calibration_temperature"] == estimate["calibration_temperature"]
+    for key in ("no_adjust_pixel_l1", "no_adjust_image_l1"):
+        assert world[key] == estimate[key]
+    for method in WORLD_METHODS:
+        assert (world[f"{method}_l1"], world[f"{method}_kl"]) == (estimate[f"{method}_l1"], estimate[f"{method}_kl"])

@@ -38,7 +38,7 @@ def test_unknown_key_names_key_file_and_the_expected_keys(tmp_path):
     assert str(err.value) == (
         f"invalid configuration in {path}:\n  prior.methd: unknown key; expected one of ['bootstrap', "
         "'calibration', 'em_sample_pixels', 'max_images', 'method', 'oracle', 'presence_threshold', 'seed', "
-        "'source_prior', 'target_prior']; did you mean 'method'?")
+        "'source_image_prior', 'source_pixel_prior', 'source_prior', 'target_prior']; did you mean 'method'?")
 
 
 def test_duplicate_yaml_key_is_an_error(tmp_path):
@@ -52,7 +52,8 @@ def test_duplicate_yaml_key_is_an_error(tmp_path):
 def test_errors_name_the_override_that_set_the_key():
     with pytest.raises(ConfigError) as err:
         load_config(CONFIGS / "demo.yaml", ["model.nme=small"])
-    assert ("  model.nme: unknown key; expected one of ['checkpoint', 'frozen_bn', 'name', 'pretrained', 'width']; "
+    assert ("  model.nme: unknown key; expected one of ['align_corners', 'checkpoint', 'frozen_bn', 'name', "
+            "'pretrained', 'width']; "
             "did you mean 'name'? [from the override 'model.nme=small']") in str(err.value)
     with pytest.raises(ConfigError) as err:  # a whole-section check still points at the override inside it
         load_config(CONFIGS / "demo.yaml", ["data.world.num_source=0", "eval.flip=true"])
@@ -62,9 +63,9 @@ def test_errors_name_the_override_that_set_the_key():
 
 @pytest.mark.parametrize("override, expected", [
     ("model.name=resnet9", "model.name: unknown model 'resnet9'; expected one of ['deeplabv2_resnet101', "
-                           "'deeplabv2_resnet50', 'small']"),
+                           "'deeplabv2_resnet101_modified_aspp', 'deeplabv2_resnet50', 'small']"),
     ("stages=[estimate,foo]", "stages.1: Input should be 'pretrain', 'estimate', 'evaluate_adapted', 'refine', "
-                              "'evaluate_refined', 'pseudo', 'distill' or 'evaluate_distilled' (got 'foo')"),
+                              "'evaluate_refined', 'pseudo', 'distill', 'evaluate_distilled' or 'export' (got 'foo')"),
     ("train.source.iterations=-5", "train.source.iterations: Input should be greater than or equal to 1 (got -5)"),
     ("ray.num_workers=0", "ray.num_workers: Input should be greater than or equal to 1 (got 0)"),
     ("eval.scales=[0]", "eval.scales.0: Input should be greater than 0 (got 0)"),

@@ -15,6 +15,7 @@ import labelshift.estimate, labelshift.inference, labelshift.metrics, labelshift
 import labelshift.pipeline, labelshift.pseudo, labelshift.tracking, labelshift.train.stages, labelshift.data.world
 import labelshift.pipeline.steps, labelshift.estimate.from_config, labelshift.build, labelshift.bench.priors
 import labelshift.runners, labelshift.artifacts, labelshift.atomic
+import labelshift.bundle, labelshift.serving, labelshift.serving.auth, labelshift.data.decode
 from labelshift.models import create_model
 create_model('small', 19)
 assert not any(m.split('.')[0] in ('ray', 'mlflow') for m in sys.modules), 'ray/mlflow got imported'

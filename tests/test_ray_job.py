@@ -226,7 +226,7 @@ def _check_mlflow(tracking_uri: str, out: Path, resumed: int) -> None:
     parent = parents.iloc[-1]
     assert parent["params.train.refine.iterations"] == "2000" and parent["params.prior.method"] == "em"
     stages = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]].set_index("tags.mlflow.runName")
-    assert set(stages.index) == {"refine", "evaluate_refined", "pseudo", "distill", "evaluate_distilled"}
+    assert set(stages.index) == {"refine", "evaluate_refined", "pseudo", "distill", "evaluate_distilled", "export"}
     assert (stages["status"] == "FINISHED").all()
     assert 0 <= stages.loc["evaluate_refined", "metrics.target_val/none.miou"] <= 100
     assert "metrics.target_val/none.per_class_iou.road" in stages.columns

@@ -133,13 +133,18 @@ def write_palette_png(path: str | Path, ids: np.ndarray, palette: Sequence[Seque
     ``ids``: (H, W) integers in 0..255. ``palette``: up to 256 (r, g, b) triples; entry i colours id i
     (missing entries are black).
     """
-    path = Path(path)
+    write_bytes_atomic(path, encode_palette_png(ids, palette, what=f"cannot write {path}"))
+
+
+def encode_palette_png(ids: np.ndarray, palette: Sequence[Sequence[int]] | np.ndarray, *,
+                       what: str = "cannot encode a palette PNG") -> bytes:
+    """The bytes of an 8-bit palette PNG of ``ids`` (H, W) in 0..255 (what :func:`write_palette_png` writes)."""
     ids = np.asarray(ids)
     if ids.ndim != 2 or ids.size == 0 or ids.min() < 0 or ids.max() > 255:
-        raise DatasetError(f"cannot write {path}: expected (H, W) ids in 0..255, got shape {ids.shape}")
+        raise DatasetError(f"{what}: expected (H, W) ids in 0..255, got shape {ids.shape}")
     colours = np.asarray(palette, dtype=np.int64).reshape(-1, 3)
     if len(colours) > 256 or colours.min(initial=0) < 0 or colours.max(initial=0) > 255:
-        raise DatasetError(f"cannot write {path}: expected at most 256 (r, g, b) triples in 0..255 as palette")
+        raise DatasetError(f"{what}: expected at most 256 (r, g, b) triples in 0..255 as palette")
     flat_palette = np.zeros((256, 3), dtype=np.uint8)
     flat_palette[: len(colours)] = colours
     ids8 = np.ascontiguousarray(ids, dtype=np.uint8)
@@ -147,7 +152,7 @@ def write_palette_png(path: str | Path, ids: np.ndarray, palette: Sequence[Seque
     image.putpalette(flat_palette.reshape(-1).tolist())
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    write_bytes_atomic(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
 def require_directory(path: Path, description: str, layout: str) -> Path:

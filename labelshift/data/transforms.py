@@ -19,16 +19,21 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Size = tuple[int, int]  # (width, height), as OpenCV and the configs write it
+INTERPOLATIONS: tuple[str, ...] = ("area_linear", "bicubic")
 
 
-def resize_image(image: np.ndarray, size: Size) -> np.ndarray:
-    """(H, W, 3) uint8 -> (height, width, 3): area interpolation when shrinking, bilinear when enlarging."""
+def resize_image(image: np.ndarray, size: Size, interpolation: str = "area_linear") -> np.ndarray:
+    """(H, W, 3) uint8 -> (height, width, 3). ``interpolation``: ``area_linear`` (area when shrinking, bilinear
+    when enlarging: no aliasing) or ``bicubic`` (what the reference's PIL ``Image.BICUBIC`` resize does)."""
     width, height = size
     if image.shape[1] == width and image.shape[0] == height:
         return image
+    if interpolation == "bicubic":
+        return cv2.resize(image, (width, height), interpolation=cv2.INTER_CUBIC)
+    if interpolation != "area_linear":
+        raise ValueError(f"unknown interpolation {interpolation!r}; expected one of {INTERPOLATIONS}")
     shrinking = width * height < image.shape[0] * image.shape[1]
-    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    return cv2.resize(image, (width, height), interpolation=interpolation)
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
 def resize_label(label: np.ndarray, size: Size) -> np.ndarray:
@@ -40,14 +45,14 @@ def resize_label(label: np.ndarray, size: Size) -> np.ndarray:
 
 
 def random_scale(image: np.ndarray, label: np.ndarray | None, scale_range: tuple[float, float],
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+                 rng: np.random.Generator, interpolation: str = "area_linear") -> tuple[np.ndarray, np.ndarray | None]:
     """Rescale image (H, W, 3) and label (H, W) by one factor drawn uniformly from ``scale_range``."""
     low, high = scale_range
     if low == high == 1.0:
         return image, label
     factor = rng.uniform(low, high)
     size = (max(1, round(image.shape[1] * factor)), max(1, round(image.shape[0] * factor)))
-    return resize_image(image, size), (resize_label(label, size) if label is not None else None)
+    return resize_image(image, size, interpolation), (resize_label(label, size) if label is not None else None)
 
 
 def random_crop(image: np.ndarray, label: np.ndarray | None, crop_size: Size,
@@ -88,6 +93,18 @@ def color_jitter(image: np.ndarray, strength: float, rng: np.random.Generator) -
     return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
 
+def hue_shift(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Rotate every pixel's hue by one factor drawn from [-strength, strength] of the colour wheel (torchvision's
+    ``ColorJitter(hue=strength)``); OpenCV's 8-bit HSV quantises the hue to 2 degrees.
+
+    image: (H, W, 3) uint8 RGB -> (H, W, 3) uint8 RGB.
+    """
+    factor = rng.uniform(-strength, strength)
+    hsv = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2HSV)
+    hsv[..., 0] = ((hsv[..., 0].astype(np.int32) + int(round(factor * 180))) % 180).astype(np.uint8)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+
 def to_tensors(image: np.ndarray, label: np.ndarray | None, mean: tuple[float, float, float],
                std: tuple[float, float, float]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """image (H, W, 3) uint8 -> float32 (3, H, W) ``(x / 255 - mean) / std``; label (H, W) -> int64 (H, W)."""
@@ -110,8 +127,9 @@ class SegmentationTransform:
     """A picklable joint transform; build it with :func:`build_transforms`.
 
     Call: ``(image (H, W, 3) uint8, label (H, W) uint8 | None, rng) -> (float32 (3, h, w), int64 | None)``.
-    Training: resize to ``size`` -> random scale -> random crop -> flip -> colour jitter. Evaluation: resize the
-    image to ``size``; the label follows, or keeps its own resolution when ``keep_label_size``.
+    Training: resize to ``base_size`` (else ``size``) -> random scale -> random crop -> flip -> colour jitter ->
+    hue. Evaluation: resize the image to ``size``; the label follows, or keeps its own resolution when
+    ``keep_label_size``. Images resize with ``interpolation``, labels with nearest neighbour.
     """
 
     train: bool
@@ -123,14 +141,18 @@ class SegmentationTransform:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     keep_label_size: bool = False
+    base_size: Size | None = None
+    hue: float = 0.0
+    interpolation: str = "area_linear"
 
     def __call__(self, image: np.ndarray, label: np.ndarray | None,
                  rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         _check_inputs(image, label)
-        if self.size is not None:
-            image = resize_image(image, self.size)
+        size = self.base_size if self.train and self.base_size is not None else self.size
+        if size is not None:
+            image = resize_image(image, size, self.interpolation)
             if label is not None and not self.keep_label_size:
-                label = resize_label(label, self.size)
+                label = resize_label(label, size)
         if self.train:
             image, label = self._augment(image, label, rng)
         return to_tensors(image, label, self.mean, self.std)
@@ -139,13 +161,15 @@ class SegmentationTransform:
                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
         if label is not None and label.shape != image.shape[:2]:
             raise DatasetError(f"image shape {image.shape[:2]} and label shape {label.shape} differ")
-        image, label = random_scale(image, label, self.scale_range, rng)
+        image, label = random_scale(image, label, self.scale_range, rng, self.interpolation)
         if self.crop_size is not None:
             image, label = random_crop(image, label, self.crop_size, rng)
         if self.flip and rng.random() < 0.5:
             image, label = horizontal_flip(image, label)
         if self.color_jitter > 0:
             image = color_jitter(image, self.color_jitter, rng)
+        if self.hue > 0:
+            image = hue_shift(image, self.hue, rng)
         return image, label
 
 
@@ -153,11 +177,13 @@ def build_transforms(*, train: bool, size: Size | None, crop_size: Size | None =
                      scale_range: tuple[float, float] = (1.0, 1.0), flip: bool = False,
                      color_jitter: float = 0.0, mean: tuple[float, float, float] = IMAGENET_MEAN,
                      std: tuple[float, float, float] = IMAGENET_STD,
-                     keep_label_size: bool = False) -> SegmentationTransform:
+                     keep_label_size: bool = False, base_size: Size | None = None, hue: float = 0.0,
+                     interpolation: str = "area_linear") -> SegmentationTransform:
     """Build the joint transform ``(image, label | None, rng) -> (image_tensor, label_tensor | None)``.
 
-    ``size``/``crop_size`` are (width, height); ``size=None`` keeps the input size. ``crop_size``,
-    ``scale_range``, ``flip`` and ``color_jitter`` apply only when ``train`` (evaluation is deterministic).
+    ``size``/``crop_size``/``base_size`` are (width, height); ``size=None`` keeps the input size.
+    ``base_size`` (the size training resizes to before scale and crop), ``crop_size``, ``scale_range``,
+    ``flip``, ``color_jitter`` and ``hue`` apply only when ``train`` (evaluation is deterministic).
     ``keep_label_size`` (evaluation only) keeps the label at its original resolution.
     """
     if keep_label_size and train:
@@ -165,9 +191,11 @@ def build_transforms(*, train: bool, size: Size | None, crop_size: Size | None =
     low, high = scale_range
     if not 0 < low <= high:
         raise ValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range}")
-    if color_jitter < 0:
-        raise ValueError(f"color_jitter must be >= 0, got {color_jitter}")
-    for name, value in (("size", size), ("crop_size", crop_size)):
+    if color_jitter < 0 or not 0 <= hue <= 0.5:
+        raise ValueError(f"need color_jitter >= 0 and 0 <= hue <= 0.5, got {color_jitter}, {hue}")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {interpolation!r}; expected one of {INTERPOLATIONS}")
+    for name, value in (("size", size), ("crop_size", crop_size), ("base_size", base_size)):
         if value is not None and (len(value) != 2 or min(value) < 1):
             raise ValueError(f"{name} must be (width, height) with positive sides, got {value}")
     return SegmentationTransform(
@@ -175,4 +203,5 @@ def build_transforms(*, train: bool, size: Size | None, crop_size: Size | None =
         crop_size=tuple(crop_size) if crop_size is not None else None,
         scale_range=(float(low), float(high)), flip=flip, color_jitter=float(color_jitter),
         mean=tuple(mean), std=tuple(std), keep_label_size=keep_label_size,
+        base_size=tuple(base_size) if base_size is not None else None, hue=float(hue), interpolation=interpolation,
     )

@@ -1,4 +1,4 @@
-"""The embedded world: a deterministic synthetic GTA5 -> Cityscapes pair with a strong label shift.
+"""The embedded world: a deterministic synthetic GTA5 (or SYNTHIA) -> Cityscapes pair with a strong label shift.
 
 ``generate_world(out_dir)`` writes, in the real on-disk layouts (so the GTA5 and Cityscapes loaders read it)::
 
@@ -7,12 +7,22 @@
     out_dir/gta5/splits/{train,val}.txt           source stems; val is a labelled held-out split
     out_dir/cityscapes/leftImg8bit/{train,val}/<city>/<city>_NNNNNN_000019_leftImg8bit.png
     out_dir/cityscapes/gtFine/{train,val}/<city>/<city>_NNNNNN_000019_gtFine_labelIds.png
+    out_dir/cityscapes/splits/{adapt,select}.txt  target-train stems: select (``target_select_fraction``) is the
+                                                  labelled selection split of sweeps, adapt the rest
     out_dir/world.json                            knobs, and the exact class statistics of every split
+
+With ``source_layout="synthia"`` the source is SYNTHIA RAND_CITYSCAPES instead, with the 16 SYNTHIA classes
+(no terrain, truck or train in the source; the target drops them too, so the pair has one class set)::
+
+    out_dir/synthia/RGB/NNNNNNN.png               RGB source images (stems 0000001, ...)
+    out_dir/synthia/GT/LABELS/NNNNNNN.png         16-bit 3-channel PNGs, the SYNTHIA class id in the first (R)
+                                                  channel (0 = void), the others 0
+    out_dir/synthia/splits/{train,val}.txt
 
 Class presence: each image flags every class independently, with the per-domain presence rate derived at run
 time from the published statistics (``labelshift.classes.reference_statistics()``): GTA5 reference-rule image
 counts / number of GTA5 images for the source, the Cityscapes estimates (GTA5 DeepLabV2 model) / 2975 for the
-target. Two deliberate departures, both documented in ``docs/world.md``: every rate is floored at
+target (with the SYNTHIA layout: the SYNTHIA counts and the estimates of the SYNTHIA DeepLabV2 model). Two deliberate departures, both documented in ``docs/world.md``: every rate is floored at
 ``presence_floor`` (so the rarest source classes still have a few dozen training images), and the target
 *sky* rate is the source's (the published 239/2975 is a slip of the reference rule; Cityscapes has sky in most
 images). ``label_shift`` interpolates the target rates between the source's (0) and the Cityscapes ones (1).
@@ -38,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from labelshift.classes import IGNORE_INDEX, cityscapes19, reference_statistics
+from labelshift.classes import IGNORE_INDEX, cityscapes19, reference_statistics, synthia16
 from labelshift.data.io import write_palette_png, write_png_atomic
 from labelshift.world_knobs import WorldKnobs, make_knobs
 from labelshift.data.world_scene import NUM_CLASSES, SKY, SceneStyle, render_scene
@@ -53,20 +63,36 @@ TARGET_COLOR_GAIN_DELTA: tuple[float, float, float] = (-0.04, 0.0, 0.04)
 TARGET_COLOR_OFFSET: tuple[float, float, float] = (4.0, 4.0, 0.0)
 
 
-def presence_rates(presence_floor: float, label_shift: float) -> dict[str, np.ndarray]:
+def _published_rates(source_layout: str) -> tuple[np.ndarray, np.ndarray]:
+    """(source, target) published presence rates in ``cityscapes19`` order; classes a SYNTHIA source lacks: 0."""
+    stats = reference_statistics()
+    if source_layout == "gta5":
+        source = np.asarray(stats["gta5_source_image_counts_19"], dtype=np.float64) / stats["gta5_num_images"]
+        target = (np.asarray(stats["cityscapes_estimated_counts_from_gta5_deeplabv2_19"], dtype=np.float64)
+                  / stats["cityscapes_train_num_images"])
+        return source, target
+    columns = cityscapes19().subset_indices(synthia16().names)
+    source, target = np.zeros(NUM_CLASSES), np.zeros(NUM_CLASSES)
+    source[columns] = np.asarray(stats["synthia_source_image_counts_16"], dtype=np.float64) / stats["synthia_num_images"]
+    target[columns] = (np.asarray(stats["cityscapes_estimated_counts_from_synthia_deeplabv2_16"], dtype=np.float64)
+                       / stats["cityscapes_train_num_images"])
+    return source, target
+
+
+def presence_rates(presence_floor: float, label_shift: float, source_layout: str = "gta5") -> dict[str, np.ndarray]:
     """Per-class image-presence probabilities of the two domains, (K,) float64 each (``cityscapes19`` order).
 
-    ``source``: GTA5 reference-rule image counts / GTA5 images. ``target``: the Cityscapes estimates of the GTA5
-    DeepLabV2 model / Cityscapes train images, with sky set to the source rate, moved towards the source by
-    ``1 - label_shift``. Both floored at ``presence_floor``.
+    ``source``: the reference-rule image counts / images of the source (GTA5, or SYNTHIA for
+    ``source_layout="synthia"``). ``target``: the Cityscapes estimates of that source's DeepLabV2 model /
+    Cityscapes train images, with sky set to the source rate, moved towards the source by ``1 - label_shift``.
+    Both floored at ``presence_floor``, except the classes a SYNTHIA source lacks (terrain, truck, train: 0).
     """
-    stats = reference_statistics()
-    source = np.asarray(stats["gta5_source_image_counts_19"], dtype=np.float64) / stats["gta5_num_images"]
-    target = (np.asarray(stats["cityscapes_estimated_counts_from_gta5_deeplabv2_19"], dtype=np.float64)
-              / stats["cityscapes_train_num_images"])
+    source, target = _published_rates(source_layout)
     target[SKY] = source[SKY]
     target = source + label_shift * (target - source)
-    return {"source": np.maximum(source, presence_floor), "target": np.maximum(target, presence_floor)}
+    absent = source == 0
+    return {"source": np.where(absent, 0.0, np.maximum(source, presence_floor)),
+            "target": np.where(absent, 0.0, np.maximum(target, presence_floor))}
 
 
 def domain_styles(knobs: WorldKnobs) -> dict[str, SceneStyle]:
@@ -152,17 +178,42 @@ def _source_val_indices(knobs: WorldKnobs) -> set[int]:
     return set(order[:n_val].tolist())
 
 
+def _synthia_id_lut() -> np.ndarray:
+    """(256,) uint16: ``cityscapes19`` trainId -> SYNTHIA RAND_CITYSCAPES class id (void and the classes SYNTHIA
+    lacks -> 0, SYNTHIA's void), the inverse of the published SYNTHIA map."""
+    synthia_train_ids = cityscapes19().subset_indices(synthia16().names)
+    lut = np.zeros(256, dtype=np.uint16)
+    for label_id, train_id16 in reference_statistics()["synthia_label_id_to_train_id_16"].items():
+        lut[synthia_train_ids[train_id16]] = int(label_id)
+    return lut
+
+
+def _source_files(layout: str) -> tuple[str, str, int, Any]:
+    """(image dir, label dir, stem digits, label writer(path, train_ids)) of a source layout."""
+    if layout == "synthia":
+        lut = _synthia_id_lut()
+
+        def write_synthia_label(path: Path, train_ids: np.ndarray) -> None:
+            ids = lut[train_ids]
+            write_png_atomic(path, np.stack([ids, np.zeros_like(ids), np.zeros_like(ids)], axis=-1))
+
+        return "RGB", "GT/LABELS", 7, write_synthia_label
+    lut, palette = _label_id_lut(), _id_palette()
+    return "images", "labels", 5, lambda path, train_ids: write_palette_png(path, lut[train_ids], palette)
+
+
 def _write_source(root: Path, knobs: WorldKnobs, rates: np.ndarray, style: SceneStyle,
                   stats: dict[str, _SplitStats]) -> None:
-    """GTA5 layout under ``root``: images, palette label PNGs of label ids, splits/{train,val}.txt."""
-    lut, palette = _label_id_lut(), _id_palette()
+    """The source layout under ``root`` (GTA5: images + palette PNGs of label ids; SYNTHIA: RGB + 16-bit
+    GT/LABELS), and splits/{train,val}.txt."""
+    image_dir, label_dir, digits, write_label = _source_files(knobs.source_layout)
     val_indices = _source_val_indices(knobs)
     stems: dict[str, list[str]] = {"train": [], "val": []}
     for index in range(knobs.num_source):
         image, train_ids = _render(knobs, "source", index, rates, style)
-        stem = f"{index + 1:05d}"
-        write_png_atomic(root / "images" / f"{stem}.png", image)
-        write_palette_png(root / "labels" / f"{stem}.png", lut[train_ids], palette)
+        stem = f"{index + 1:0{digits}d}"
+        write_png_atomic(root / image_dir / f"{stem}.png", image)
+        write_label(root / label_dir / f"{stem}.png", train_ids)
         split = "val" if index in val_indices else "train"
         stems[split].append(stem)
         stats[f"source_{split}"].update(train_ids)
@@ -176,6 +227,7 @@ def _write_target(root: Path, knobs: WorldKnobs, rates: np.ndarray, style: Scene
     """Cityscapes layout under ``root`` (train and val splits); returns the cities of each split."""
     lut = _label_id_lut()
     plan = {"train": (knobs.num_target_train, TRAIN_CITIES), "val": (knobs.num_target_val, VAL_CITIES)}
+    train_stems: list[str] = []
     for split, (count, cities) in plan.items():
         for index in range(count):
             image, train_ids = _render(knobs, f"target_{split}", index, rates, style)
@@ -184,7 +236,22 @@ def _write_target(root: Path, knobs: WorldKnobs, rates: np.ndarray, style: Scene
             write_png_atomic(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", image)
             write_png_atomic(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", lut[train_ids])
             stats[f"target_{split}"].update(train_ids)
+            if split == "train":
+                train_stems.append(stem)
+    _write_selection_lists(root / "splits", train_stems, knobs)
     return {split: list(cities) for split, (_, cities) in plan.items()}
+
+
+def _write_selection_lists(splits_dir: Path, train_stems: list[str], knobs: WorldKnobs) -> None:
+    """``select.txt``: a seeded ``target_select_fraction`` of target train (at most all but one image), the
+    labelled held-out split sweeps select settings on; ``adapt.txt``: the rest, the unlabelled pool to adapt on
+    (estimate the prior, pseudo-label) when a config keeps the two apart."""
+    n_select = min(round(len(train_stems) * knobs.target_select_fraction), len(train_stems) - 1)
+    chosen = set(np.random.default_rng([knobs.seed, 98]).permutation(len(train_stems))[:n_select].tolist())
+    splits_dir.mkdir(parents=True, exist_ok=True)
+    for name, selected in (("select", True), ("adapt", False)):
+        stems = [stem for index, stem in enumerate(train_stems) if (index in chosen) == selected]
+        (splits_dir / f"{name}.txt").write_text("".join(f"{stem}\n" for stem in stems))
 
 
 def _knobs_json(knobs: WorldKnobs) -> dict:
@@ -193,9 +260,9 @@ def _knobs_json(knobs: WorldKnobs) -> dict:
 
 def _build(tree: Path, knobs: WorldKnobs) -> dict:
     """Write the whole world under ``tree`` (world.json last) and return its manifest."""
-    rates, styles = presence_rates(knobs.presence_floor, knobs.label_shift), domain_styles(knobs)
+    rates, styles = presence_rates(knobs.presence_floor, knobs.label_shift, knobs.source_layout), domain_styles(knobs)
     stats = {split: _SplitStats() for split in SPLITS}
-    _write_source(tree / "gta5", knobs, rates["source"], styles["source"], stats)
+    _write_source(tree / knobs.source_layout, knobs, rates["source"], styles["source"], stats)
     cities = _write_target(tree / "cityscapes", knobs, rates["target"], styles["target"], stats)
     manifest = {
         "generator": "labelshift.data.world",
@@ -206,9 +273,10 @@ def _build(tree: Path, knobs: WorldKnobs) -> dict:
         "classes": list(cityscapes19().names),
         "label_ids": list(cityscapes19().label_ids),
         "layout": {
-            "source": {"kind": "gta5", "root": "gta5", "train_list": "splits/train.txt",
+            "source": {"kind": knobs.source_layout, "root": knobs.source_layout, "train_list": "splits/train.txt",
                        "val_list": "splits/val.txt"},
-            "target": {"kind": "cityscapes", "root": "cityscapes", "cities": cities},
+            "target": {"kind": "cityscapes", "root": "cityscapes", "cities": cities,
+                       "select_list": "splits/select.txt", "adapt_list": "splits/adapt.txt"},
         },
         "design_presence_rate": {domain: [round(float(r), 8) for r in values] for domain, values in rates.items()},
         "splits": {split: stats[split].to_dict() for split in SPLITS},
@@ -323,7 +391,8 @@ def cli_main(argv: list[str] | None = None) -> int:
     except (FileExistsError, ValueError) as err:
         print(f"labelshift world: error: {err}", file=sys.stderr)
         return 2
-    print(f"world written to {Path(out).resolve()} (source: gta5/, target: cityscapes/, manifest: world.json)")
+    print(f"world written to {Path(out).resolve()} (source: {manifest['layout']['source']['root']}/, "
+          "target: cityscapes/, manifest: world.json)")
     print(_summary(manifest))
     return 0
 

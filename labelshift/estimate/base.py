@@ -5,6 +5,11 @@ PROBABILITIES (softmax applied, possibly calibrated), torch (any device) or nump
 images) or ``(N, K)`` (N samples, each its own unit: classification data, or one row per image).
 Small per-image statistics (K floats per image; for EM the image of each sampled pixel) are kept, so
 ``result()`` reports a percentile bootstrap interval over images in ``provenance["confidence_interval"]``.
+
+``update(probs, names=...)`` names the images of a batch: every random draw of an image (EM's pixel keys, the
+bootstrap's multiplicities, drawn as Poisson(1) weights) then comes from a key of its name
+(:mod:`labelshift.sampling`), so shards merged in a fixed order give the estimate of one pass, whatever the
+sharding. Without names, draws follow the order of arrival (a multinomial bootstrap over positions).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import torch
 
 from labelshift.classes import ClassSet
 from labelshift.priors import ClassPrior, PriorKind, class_names_of, floor_probabilities
+from labelshift.sampling import BOOTSTRAP_WEIGHTS, keyed_generator, name_key
 
 
 def as_tensor(data: Any) -> torch.Tensor:
@@ -105,15 +111,21 @@ class PriorEstimator(ABC):
         self.provenance = dict(provenance or {})
         self.num_units = 0  # images (or rows of (N, K) inputs)
         self.num_pixels = 0
+        self.unit_keys: list[int | None] = []  # (U,) key of each unit's name (None: unnamed)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def update(self, probs: Any, **kwargs: Any) -> None:
-        """Add a batch of probabilities (B, K, H, W) or (N, K)."""
+    def update(self, probs: Any, names: Sequence[str] | None = None, **kwargs: Any) -> None:
+        """Add a batch of probabilities (B, K, H, W) or (N, K); ``names`` (B,) names its images (e.g. the
+        Cityscapes stems), which keys their random draws."""
         units = as_units(probs, self.num_classes)
-        self._ingest(units, **kwargs)
+        if names is not None and len(names) != units.shape[0]:
+            raise ValueError(f"{len(names)} names for a batch of {units.shape[0]} images")
+        keys = [None] * units.shape[0] if names is None else [name_key(name) for name in names]
+        self._ingest(units, unit_keys=keys, **kwargs)
+        self.unit_keys.extend(keys)
         self.num_units += units.shape[0]
         self.num_pixels += units.shape[0] * units.shape[2] * units.shape[3]
 
@@ -125,7 +137,12 @@ class PriorEstimator(ABC):
         if other.settings() != self.settings():
             raise ValueError(f"cannot merge estimators with different settings: "
                              f"{other.settings()} vs {self.settings()}")
+        repeated = {k for k in self.unit_keys if k is not None} & {k for k in other.unit_keys if k is not None}
+        if repeated:
+            raise ValueError(f"cannot merge estimators that both saw the same {len(repeated)} image(s): a shard "
+                             "must hold images no other shard holds")
         self._merge_state(other)
+        self.unit_keys.extend(other.unit_keys)
         self.num_units += other.num_units
         self.num_pixels += other.num_pixels
         return self
@@ -146,14 +163,28 @@ class PriorEstimator(ABC):
         """The parameters that define the estimate (merging requires equal settings)."""
         return {}
 
+    def expect_pixels(self, total_pixels: int) -> None:
+        """Told how many pixels the whole pass feeds (over all shards), a shard may keep only what the merged
+        estimate can use (EM: the keys that can still make the merged bottom-k). A no-op by default."""
+
+    def _bootstrap_weights(self) -> np.ndarray:
+        """(R, U) multiplicities of the units in R bootstrap replicates: Poisson(1) drawn from each unit's
+        name when every unit is named (independent of order and sharding), else a multinomial over positions."""
+        if self.unit_keys and all(key is not None for key in self.unit_keys):
+            return np.stack([keyed_generator(self.seed, BOOTSTRAP_WEIGHTS, key).poisson(1.0, self.bootstrap)
+                             for key in self.unit_keys], axis=1).astype(np.float64)
+        rng = np.random.default_rng(self.seed)
+        return np.stack([np.bincount(rng.integers(0, self.num_units, self.num_units), minlength=self.num_units)
+                         for _ in range(self.bootstrap)]).astype(np.float64)
+
     def _bootstrap_interval(self) -> dict[str, Any] | None:
         if self.bootstrap == 0:
             return None
-        rng = np.random.default_rng(self.seed)
         replicates = np.full((self.bootstrap, self.num_classes), np.nan)
-        for row in range(self.bootstrap):
-            unit_weights = np.bincount(rng.integers(0, self.num_units, self.num_units), minlength=self.num_units)
-            estimate = self._estimate(unit_weights.astype(np.float64))
+        for row, unit_weights in enumerate(self._bootstrap_weights()):
+            if unit_weights.sum() == 0:
+                continue
+            estimate = self._estimate(unit_weights)
             if estimate.sum() > 0:
                 replicates[row] = floor_probabilities(estimate, warn=False)
         tail = (1.0 - self.confidence) / 2.0

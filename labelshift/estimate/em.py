@@ -10,6 +10,7 @@ import torch
 from labelshift.classes import ClassSet
 from labelshift.estimate.base import EstimatorInputs, PriorEstimator, prior_vector
 from labelshift.priors import ClassPrior
+from labelshift.sampling import EM_PIXEL_KEYS, keyed_generator
 
 
 def em_label_shift(posteriors: Any, source_prior: Any, *, weights: np.ndarray | None = None,
@@ -43,9 +44,14 @@ class EMEstimator(PriorEstimator):
 
     The sample keeps the ``sample_size`` pixels with the smallest uniform random keys (bottom-k
     sampling): a uniform sample without replacement of all pixels seen, and merging two estimators keeps
-    the bottom-k of the union (give each worker its own ``seed``). ``source_prior``: the prior the
-    posteriors were trained/calibrated under (the source pixel prior). The bootstrap reweights the
-    sampled pixels by their image's multiplicity and restarts EM from the point estimate.
+    the bottom-k of the union. Named images (``update(probs, names=...)``) draw their pixels' keys from their
+    name, so shards of one pass merge into exactly the sample of one process; unnamed batches draw from the
+    estimator's ``seed`` stream in order (give each such shard its own ``seed``). EM runs on the sample in
+    key order. ``source_prior``: the prior the posteriors were trained/calibrated under (the source pixel
+    prior). The bootstrap reweights the sampled pixels by their image's multiplicity and restarts EM from the
+    point estimate. A shard told the pass's total pixel count (:meth:`expect_pixels`) keeps only keys below
+    a bound that the merged bottom-k stays under with overwhelming probability; a merged sample that the bound
+    may have cut short raises instead of returning a different estimate.
     """
 
     method, kind = "em", "pixel"
@@ -72,11 +78,28 @@ class EMEstimator(PriorEstimator):
         self.sample_units = np.zeros(0, dtype=np.int64)  # (M,) unit (image) of each sampled pixel
         self._point: np.ndarray | None = None
         self._fit: dict[str, Any] = {}
-        self.sampling_seeds = {self.seed}  # seeds whose key streams the sample holds (merged shards included)
+        self.sampling_seeds: set[int] = set()  # seeds whose unnamed key streams the sample holds (merges included)
+        self.key_bound = 1.0  # keys at or above it are not kept (expect_pixels)
+        self.pixels_over_bound = 0  # pixels dropped by the bound (merges included)
 
     def settings(self) -> dict[str, Any]:
         return {"source_prior": self.source_probs.tolist(), "sample_size": self.sample_size,
                 "tol": self.tol, "max_iter": self.max_iter}
+
+    def expect_pixels(self, total_pixels: int) -> None:
+        """Keep only keys below ``min(1, 2·sample_size / total_pixels)``: the merged sample of the pass then
+        expects twice the pixels it keeps (a shortfall is astronomically unlikely, and detected)."""
+        self.key_bound = min(1.0, 2.0 * self.sample_size / max(int(total_pixels), 1))
+
+    def _pixel_keys(self, unit_keys: list, pixels_per_unit: int) -> np.ndarray:
+        """(U·P,) uniform keys: from each image's name, or from the seed's stream for unnamed batches."""
+        if all(key is None for key in unit_keys):
+            self.sampling_seeds.add(self.seed)
+            return self._rng.random(len(unit_keys) * pixels_per_unit)
+        if any(key is None for key in unit_keys):
+            raise ValueError("name every image of a batch, or none")
+        return np.concatenate([keyed_generator(self.seed, EM_PIXEL_KEYS, key).random(pixels_per_unit)
+                               for key in unit_keys])
 
     def _keep(self, probs: np.ndarray, keys: np.ndarray, units: np.ndarray) -> None:
         probs = np.concatenate([self.sample_probs, probs])
@@ -88,11 +111,12 @@ class EMEstimator(PriorEstimator):
         self.sample_probs, self.sample_keys, self.sample_units = probs, keys, units
         self._point = None
 
-    def _ingest(self, units: torch.Tensor, **kwargs: Any) -> None:
+    def _ingest(self, units: torch.Tensor, unit_keys: list | None = None, **kwargs: Any) -> None:
         pixels_per_unit = units.shape[2] * units.shape[3]
-        keys = self._rng.random(units.shape[0] * pixels_per_unit)
+        keys = self._pixel_keys(unit_keys or [None] * units.shape[0], pixels_per_unit)
         full = len(self.sample_keys) >= self.sample_size
-        candidates = np.flatnonzero(keys < (self.sample_keys.max() if full else np.inf))
+        self.pixels_over_bound += int(np.count_nonzero(keys >= self.key_bound))
+        candidates = np.flatnonzero(keys < min(self.key_bound, self.sample_keys.max() if full else np.inf))
         if len(candidates) > self.sample_size:
             candidates = candidates[np.argpartition(keys[candidates], self.sample_size - 1)[: self.sample_size]]
         unit_index, pixel_index = np.divmod(candidates, pixels_per_unit)
@@ -108,17 +132,28 @@ class EMEstimator(PriorEstimator):
                              "equal seeds draw equal sampling keys, so the merged sample would not be uniform; "
                              "give each shard its own seed (e.g. seed + shard index)")
         self.sampling_seeds |= other.sampling_seeds
+        self.pixels_over_bound += other.pixels_over_bound
         self._keep(other.sample_probs, other.sample_keys, other.sample_units + self.num_units)
 
+    def _sample_in_key_order(self) -> tuple[np.ndarray, np.ndarray]:
+        """(M, K) sampled posteriors and (M,) their units, in key order (the same for any sharding)."""
+        if len(self.sample_keys) < self.sample_size and self.pixels_over_bound:
+            raise RuntimeError(f"em: the merged pixel sample holds {len(self.sample_keys)} pixels, fewer than "
+                               f"sample_size={self.sample_size}, while {self.pixels_over_bound} pixels were dropped "
+                               "by a shard's key bound: the sample would not be the pass's bottom-k")
+        order = np.argsort(self.sample_keys, kind="stable")
+        return self.sample_probs[order], self.sample_units[order]
+
     def _estimate(self, unit_weights: np.ndarray | None) -> np.ndarray:
+        probs, sample_units = self._sample_in_key_order()
         if unit_weights is None:
             self._point, iterations, converged = em_label_shift(
-                self.sample_probs, self.source_probs, tol=self.tol, max_iter=self.max_iter)
+                probs, self.source_probs, tol=self.tol, max_iter=self.max_iter)
             self._fit = {"iterations": iterations, "converged": converged}
             return self._point
         if self._point is None:
             self._estimate(None)
-        estimate, _, _ = em_label_shift(self.sample_probs, self.source_probs, weights=unit_weights[self.sample_units],
+        estimate, _, _ = em_label_shift(probs, self.source_probs, weights=unit_weights[sample_units],
                                         init=self._point, tol=self.tol, max_iter=self.max_iter)
         return estimate
 
@@ -127,3 +162,14 @@ class EMEstimator(PriorEstimator):
                 **self._fit}
 
 
+
+
+class EMRawEstimator(EMEstimator):
+    """EM on the RAW softmax (no calibration), under the source pixel prior: the uncalibrated variant the
+    estimate stage computes beside ``em`` (calibrated posteriors), so that sweeps can choose between them."""
+
+    method, posteriors = "em_raw", "raw"
+
+    @classmethod
+    def arguments(cls, inputs: EstimatorInputs) -> dict[str, Any]:
+        return {"source_prior": inputs.source_pixel_prior, "sample_size": inputs.em_sample_pixels}

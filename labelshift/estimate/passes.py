@@ -5,14 +5,14 @@ Callers own the loop (one process, a Ray Data actor, a Tune trial, a Serve repli
 
     estimators = make_estimators(methods, class_names, inputs, bootstrap=20, seed=0)
     feed_source_sample(estimators, calibration, source_logits, source_labels)   # bbse's confusion
-    for logits in batches:                                                       # (B, K, H, W) raw logits
-        update_estimators(estimators, logits, calibration)
+    for logits, names in batches:                                   # (B, K, H, W) raw logits, (B,) image names
+        update_estimators(estimators, logits, calibration, names)
     merge_estimators(estimators, other_shard)                                    # shards, in a fixed order
     priors = estimator_results(estimators)
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -93,15 +93,24 @@ def feed_source_sample(estimators: Mapping[str, PriorEstimator], calibration: Ca
 
 
 def update_estimators(estimators: Mapping[str, PriorEstimator], logits: torch.Tensor,
-                      calibration: Calibration) -> None:
+                      calibration: Calibration, names: Sequence[str] | None = None) -> None:
     """Feed one batch of raw logits (B, K, H, W) to every estimator: the raw softmax to those fed raw
-    posteriors (the reference rule, presence), the calibrated softmax to the others."""
+    posteriors (the reference rule, presence), the calibrated softmax to the others. ``names`` (B,): the
+    images' names, which key their random draws (EM's pixels, the bootstrap): pass them whenever the pass may
+    be sharded."""
     posteriors: dict[str, torch.Tensor] = {}
     for estimator in estimators.values():
         if estimator.posteriors not in posteriors:
             adjusted = logits if estimator.posteriors == "raw" else calibration.apply(logits)
             posteriors[estimator.posteriors] = adjusted.softmax(1)
-        estimator.update(posteriors[estimator.posteriors])
+        estimator.update(posteriors[estimator.posteriors], names=names)
+
+
+def expect_pixels(estimators: Mapping[str, PriorEstimator], total_pixels: int) -> None:
+    """Tell the estimators of one shard how many pixels the whole pass feeds, so that they keep only what the
+    merged estimate can use (EM's sample: a bounded share of its keys)."""
+    for estimator in estimators.values():
+        estimator.expect_pixels(total_pixels)
 
 
 def merge_estimators(into: Mapping[str, PriorEstimator], other: Mapping[str, PriorEstimator]) -> None:

@@ -11,13 +11,14 @@ import torch
 from labelshift.classes import ClassSet
 from labelshift.estimate.base import PriorEstimator
 from labelshift.estimate.bbse import BBSEEstimator
-from labelshift.estimate.em import EMEstimator
+from labelshift.estimate.em import EMEstimator, EMRawEstimator
 from labelshift.estimate.rules import CountEstimator, PresenceEstimator, ReferenceEstimator, SoftCountEstimator
 from labelshift.priors import ClassPrior
 
 ESTIMATORS: dict[str, type[PriorEstimator]] = {
     estimator.method: estimator for estimator in (
-        ReferenceEstimator, CountEstimator, SoftCountEstimator, PresenceEstimator, EMEstimator, BBSEEstimator)
+        ReferenceEstimator, CountEstimator, SoftCountEstimator, PresenceEstimator, EMEstimator, BBSEEstimator,
+        EMRawEstimator)
 }
 METHODS: tuple[str, ...] = tuple(ESTIMATORS)
 PIXEL_METHODS: tuple[str, ...] = tuple(name for name, cls in ESTIMATORS.items() if cls.kind == "pixel")

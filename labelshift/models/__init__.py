@@ -40,18 +40,27 @@ def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     return model
 
 
-def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(N, K, h, w) -> (N, K, H, W) bilinear; ``size`` is (H, W). The one resize used in training and inference."""
+def upsample_logits(logits: torch.Tensor, size: tuple[int, int], *, align_corners: bool = False) -> torch.Tensor:
+    """(N, K, h, w) -> (N, K, H, W) bilinear; ``size`` is (H, W). The one resize used in training and inference.
+
+    ``align_corners``: the model's own setting (:func:`align_corners_of`); FADA and the reference use True.
+    """
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
-    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=align_corners)
+
+
+def align_corners_of(model: nn.Module) -> bool:
+    """How ``model``'s logits are upsampled to label size (``model.align_corners``, set by the builder from
+    ``model.align_corners`` of the config; False for a model that has no such attribute)."""
+    return bool(getattr(model, "align_corners", False))
 
 
 def _load_builtin() -> None:
-    from labelshift.models import deeplabv2, small  # noqa: F401  (registers the built-in models)
+    from labelshift.models import deeplabv2, modified_aspp, small  # noqa: F401  (registers the built-in models)
 
 
 from labelshift.models.checkpoint import checkpoint_sha256, load_checkpoint, save_checkpoint  # noqa: E402
 
-__all__ = ["create_model", "register_model", "model_names", "upsample_logits", "load_checkpoint", "checkpoint_sha256",
-           "save_checkpoint"]
+__all__ = ["align_corners_of", "create_model", "register_model", "model_names", "upsample_logits", "load_checkpoint",
+           "checkpoint_sha256", "save_checkpoint"]

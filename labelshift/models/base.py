@@ -22,6 +22,7 @@ class BackboneHeadSegmenter(nn.Module):
     backbone: nn.Module
     head: nn.Module
     output_stride: int
+    align_corners: bool = False  # how callers upsample the logits (labelshift.models.align_corners_of)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (N, 3, H, W) -> features (N, C, ceil(H/s), ceil(W/s)), s = ``output_stride``."""

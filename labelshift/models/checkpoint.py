@@ -17,7 +17,7 @@ import os
 import pickle
 import struct
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from labelshift.atomic import atomic_path
@@ -76,14 +76,21 @@ def read_checkpoint_metadata(path: PathLike) -> dict[str, Any]:
     return _decode_metadata(header, path)
 
 
-def load_checkpoint(model: nn.Module, path: PathLike) -> dict[str, Any]:
+def load_checkpoint(model: nn.Module, path: PathLike, class_names: Sequence[str] | None = None) -> dict[str, Any]:
     """Load a checkpoint (ours, a plain state dict, or reference/FADA) into ``model``, strictly.
 
+    ``class_names``: the configured class set; a checkpoint that records its classes (ours: ``classes`` in the
+    metadata) must record exactly these, in this order, else :class:`CheckpointError` names both lists (a
+    same-size mismatch, e.g. a 19-class model of another class order, would otherwise load silently).
     Returns the checkpoint's metadata: ours as saved; ``{"format": "state_dict"}`` or
     ``{"format": "fada", "extra_keys": [...]}`` (plus ``iteration`` when present) for the others.
     Raises :class:`CheckpointError` for unreadable files and for missing, unexpected or mis-shaped keys.
     """
     state, metadata, _ = read_state_dict(path)
+    recorded = metadata.get("classes")
+    if class_names is not None and recorded is not None and list(recorded) != list(class_names):
+        raise CheckpointError(f"{os.fspath(path)}: the checkpoint was trained on the classes {list(recorded)}, "
+                              f"but the configured class set is {list(class_names)}")
     load_state_dict_checked(model, state, source=os.fspath(path))
     return metadata
 

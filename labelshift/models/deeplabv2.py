@@ -67,6 +67,8 @@ class DeepLabV2(BackboneHeadSegmenter):
         frozen_bn: replace every ``BatchNorm2d`` by ``FrozenBatchNorm2d`` (statistics and affine terms are
             buffers: nothing to train, identical in train and eval mode).
         frozen_bn_eps: epsilon of the frozen BN; 0 matches the reference implementation exactly.
+        classifier: ``classifier(in_channels, num_classes) -> head`` (default: :class:`ASPPV2`; the reference's
+            modified ASPP is :class:`labelshift.models.modified_aspp.ModifiedASPP`).
         pretrained: ``None`` (random init), ``"imagenet"`` (torchvision's IMAGENET1K_V1 weights: needs the
             download or torch hub's cache) or a path to a local torchvision-format ResNet state dict
             (``fc.*`` is ignored; every other backbone key must match).
@@ -82,6 +84,7 @@ class DeepLabV2(BackboneHeadSegmenter):
         frozen_bn: bool = False,
         frozen_bn_eps: float = 0.0,
         pretrained: Pretrained = None,
+        classifier: Callable[[int, int], nn.Module] = ASPPV2,
     ) -> None:
         super().__init__()
         if depth not in _RESNETS:
@@ -95,7 +98,7 @@ class DeepLabV2(BackboneHeadSegmenter):
         build_resnet = _RESNETS[depth][0]
         resnet = build_resnet(weights=None, replace_stride_with_dilation=[False, True, True], norm_layer=norm_layer)
         self.backbone = nn.Sequential(OrderedDict((name, getattr(resnet, name)) for name in RESNET_STAGES))
-        self.head = ASPPV2(self.feature_channels, num_classes)
+        self.head = classifier(self.feature_channels, num_classes)
         if pretrained is not None:
             self.load_pretrained_backbone(pretrained)
 

@@ -12,7 +12,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TextIO
 
 import torch
 
@@ -27,6 +27,7 @@ from labelshift.pipeline import steps
 from labelshift.pipeline.manifest import StageDir, fingerprint
 from labelshift.pipeline.report import format_summary, summary_rows
 from labelshift.priors import ClassPrior
+from labelshift.runners.data import InProcessPasses
 from labelshift.runtime import apply_runtime, runtime_environment
 from labelshift.tracking import Tracker
 
@@ -39,6 +40,12 @@ class Stage:
     sections: tuple[str, ...]  # config paths whose values define the stage's work (its fingerprint)
     upstream: tuple[str, ...]  # stages whose outputs it consumes
     body: Callable[[steps.JobContext, StageDir], steps.StageResult]
+    # when what it reads depends on the configuration: cfg -> (sections, upstream), replacing the two above
+    inputs: Callable[[ExperimentConfig], tuple[tuple[str, ...], tuple[str, ...]]] | None = None
+
+    def inputs_for(self, cfg: ExperimentConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(config sections, upstream stages) the stage reads under ``cfg``."""
+        return (self.sections, self.upstream) if self.inputs is None else self.inputs(cfg)
 
 
 STAGES: tuple[Stage, ...] = (
@@ -47,9 +54,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("evaluate_adapted", ("adjust", "eval"), ("estimate",), steps.evaluate_adapted),
     Stage("refine", ("train.refine",), ("estimate",), steps.refine),
     Stage("evaluate_refined", ("eval",), ("refine",), steps.evaluate_refined),
-    Stage("pseudo", ("pseudo", "eval.amp_bf16"), ("refine",), steps.pseudo),
+    Stage("pseudo", ("pseudo", "eval.amp_bf16"), ("refine",), steps.pseudo, inputs=steps.pseudo_inputs),
     Stage("distill", ("train.distill",), ("pseudo",), steps.distill),
     Stage("evaluate_distilled", ("eval",), ("distill",), steps.evaluate_distilled),
+    Stage("export", ("adjust",), ("estimate", "refine", "distill"), steps.export),
 )
 STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in STAGES}
 ALL_STAGES: tuple[str, ...] = tuple(STAGE_TABLE)  # equal to config.PIPELINE_STAGES (tests/test_pipeline_table.py)
@@ -59,16 +67,21 @@ class Pipeline:
     """Runs the stages of one experiment with a training runner (local or Ray Train) and a tracker."""
 
     def __init__(self, cfg: ExperimentConfig, runner, tracker: Tracker, device: torch.device | str = "cpu",
-                 log: Callable[[str], None] = print, progress: bool = False) -> None:
-        """``log`` receives one line per stage event; ``progress`` draws a progress bar (on stderr) over the
-        batches of the evaluation, estimate and pseudo-label passes."""
+                 log: Callable[[str], None] = print, progress: bool = False,
+                 progress_stream: TextIO | None = None, passes=None) -> None:
+        """``log`` receives one line per stage event; ``progress`` draws a progress bar (on ``progress_stream``,
+        default stderr) over the batches of the evaluation, estimate and pseudo-label passes. ``passes``: the
+        engine of the estimate, evaluation and pseudo-label passes (``labelshift.runners.data``; default: in
+        this process on ``device``; the Ray job gives ``RayDataPasses``)."""
         self.cfg = cfg
         self.progress = progress
+        self.progress_stream = progress_stream
         self._stage_name = ""
         self.runner = runner
         self.tracker = tracker
         self.device = torch.device(device)
         self.log = log
+        self.passes = passes or InProcessPasses(self.device, self.loader)
         self.output_dir = Path(cfg.output_dir).resolve()
         self.stages_root = self.output_dir / "stages"
         self.class_set = class_set_of(cfg)
@@ -76,9 +89,10 @@ class Pipeline:
         self._adapted_sha256: str | None = None
         self.fingerprints: dict[str, str] = {}
         for stage in STAGES:  # each stage's fingerprint: its config sections and its upstream fingerprints
+            sections, upstream = stage.inputs_for(cfg)
             self.fingerprints[stage.name] = fingerprint({
-                "stage": stage.name, "sections": self._cfg(*stage.sections),
-                "upstream": [self.fingerprints[u] for u in stage.upstream]})
+                "stage": stage.name, "sections": self._cfg(*sections),
+                "upstream": [self.fingerprints[u] for u in upstream]})
 
     # ------------------------------------------------------------------ plumbing
     def _upstream_inputs(self, name: str) -> dict:
@@ -86,7 +100,7 @@ class Pipeline:
         given checkpoint rather than the pretrain stage's). Every upstream stage must itself be up to date, all
         the way up; one that is not is an error naming it."""
         inputs = {}
-        for upstream in STAGE_TABLE[name].upstream:
+        for upstream in STAGE_TABLE[name].inputs_for(self.cfg)[1]:
             if upstream == "pretrain" and self.adapted_model_path() != self.model_path("pretrain"):
                 inputs["adapted_model_sha256"] = self.adapted_model_sha256()
                 continue
@@ -176,14 +190,17 @@ class Pipeline:
         path = self.adapted_model_path() if stage is None else self.model_path(stage)
         return build_model(self.cfg, path).to(self.device).eval()
 
-    def loader(self, which: str, *, with_labels: bool = True, max_images: int | None = None):
-        """The evaluation loader of split ``which``; with ``progress``, wrapped in a progress bar."""
-        loader = eval_loader(self.cfg, which, with_labels=with_labels, max_images=max_images)
+    def loader(self, which: str, *, with_labels: bool = True, max_images: int | None = None,
+               size: tuple[int, int] | None = None):
+        """The evaluation loader of split ``which`` (model input ``size``, default the domain's); with
+        ``progress``, wrapped in a progress bar."""
+        loader = eval_loader(self.cfg, which, with_labels=with_labels, max_images=max_images, size=size)
         if not self.progress:
             return loader
         from tqdm import tqdm
 
-        return tqdm(loader, desc=f"  {self._stage_name} · {which}", unit="batch", leave=False, dynamic_ncols=True)
+        return tqdm(loader, desc=f"  {self._stage_name} · {which}", unit="batch", leave=False, dynamic_ncols=True,
+                    file=self.progress_stream)
 
     def priors(self) -> dict[str, ClassPrior]:
         """Every prior the estimate stage wrote, by name (its index, ``priors.json``)."""

@@ -5,6 +5,10 @@ configuration, the commit ids of the upstream outputs it consumed, a commit id o
 metrics) is written there and the directory is renamed to ``<stages>/<name>/``. A re-run skips a stage whose
 manifest is complete, whose fingerprint matches the current configuration, whose recorded inputs are the current
 upstream commits (a re-run upstream stage invalidates everything downstream) and whose outputs all exist.
+
+A ``.partial/`` left by a killed run is kept when its recorded work (``PARTIAL_RECORD``: fingerprint and upstream
+inputs) is this run's, so a resumable body (the pseudo-label pass) redoes only what is missing; any other partial
+is discarded. Bodies write atomically, so a kept partial holds only finished files.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from typing import Any
 from labelshift.atomic import write_json_atomic
 
 MANIFEST = "manifest.json"
+PARTIAL_RECORD = ".partial.json"  # in <name>.partial/: the work it holds (fingerprint and inputs)
 
 
 def fingerprint(data: Any) -> str:
@@ -60,11 +65,20 @@ class StageDir:
                 return False
         return True
 
+    def _partial_work(self) -> dict:
+        return {"fingerprint": self.fingerprint, "inputs": self.inputs or {}}
+
     def begin(self) -> Path:
-        """A clean ``.partial`` directory to write outputs into."""
-        if self.partial.exists():
-            shutil.rmtree(self.partial)
-        self.partial.mkdir(parents=True)
+        """The ``.partial`` directory to write outputs into: a killed run's, when it holds this very work
+        (same fingerprint and inputs), else a clean one."""
+        try:
+            kept = json.loads((self.partial / PARTIAL_RECORD).read_text()) == self._partial_work()
+        except (OSError, json.JSONDecodeError):
+            kept = False
+        if not kept:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            self.partial.mkdir(parents=True)
+            write_json_atomic(self.partial / PARTIAL_RECORD, self._partial_work())
         return self.partial
 
     def path(self, rel: str) -> Path:
@@ -78,6 +92,7 @@ class StageDir:
                     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "metrics": metrics,
                     "outputs": {rel: _size(self.partial / rel) for rel in outputs}, **(extra or {})}
         write_json_atomic(self.partial / MANIFEST, manifest)
+        (self.partial / PARTIAL_RECORD).unlink(missing_ok=True)
         if self.final.exists():
             trash = self.final.with_name(f".{self.name}.old")
             shutil.rmtree(trash, ignore_errors=True)

@@ -15,17 +15,16 @@ from labelshift.artifacts import (CALIBRATION_FILE, NO_ADJUST, ORACLE_IA, SOURCE
                                   estimate_name, evaluation_key, ia_name, oracle_name, source_prior_name,
                                   write_priors)
 from labelshift.atomic import write_json_atomic
-from labelshift.build import amp_dtype_of, eval_subsets
+from labelshift.build import build_split, eval_subsets
+from labelshift.bundle import export_bundle
 from labelshift.calibrate import Calibration
 from labelshift.classes import ClassSet
 from labelshift.config import ExperimentConfig
 from labelshift.estimate import METHODS, prior_errors
-from labelshift.estimate.from_config import estimate_target_priors
-from labelshift.inference import evaluate
 from labelshift.models import checkpoint_sha256
 from labelshift.pipeline.manifest import StageDir
 from labelshift.priors import ClassPrior, SourcePriors, load_prior
-from labelshift.pseudo import write_pseudo_labels
+from labelshift.pseudo import LABEL_MANIFEST, LABELS, SOFT, pseudo_settings, write_label_manifest
 from labelshift.tracking import Tracker
 
 MODEL_FILE = "model.safetensors"
@@ -47,9 +46,11 @@ class JobContext(Protocol):
     def adapted_model_sha256(self) -> str: ...
     def model_path(self, stage: str) -> Path: ...
     def load(self, stage: str | None = None) -> torch.nn.Module: ...
-    def loader(self, which: str, *, with_labels: bool = True, max_images: int | None = None): ...
+    def loader(self, which: str, *, with_labels: bool = True, max_images: int | None = None,
+               size: tuple[int, int] | None = None): ...
     def priors(self) -> dict[str, ClassPrior]: ...
     def calibration(self) -> Calibration: ...
+    passes: object  # the data passes (labelshift.runners.data: InProcessPasses or RayDataPasses)
 
 
 def _train(job: JobContext, stage: StageDir, train_stage: str, **payload_extra) -> dict:
@@ -93,9 +94,8 @@ def estimate(job: JobContext, stage: StageDir) -> StageResult:
     Writes each prior as JSON with an index (``priors.json``) and the calibration."""
     prior_cfg = job.cfg.prior
     methods = tuple(dict.fromkeys((prior_cfg.method, *METHODS)))
-    found = estimate_target_priors(job.cfg, job.load(), job.adapted_model_path(), device=job.device,
-                                   methods=methods, with_oracle=prior_cfg.oracle,
-                                   checkpoint_hash=job.adapted_model_sha256(), loader=job.loader)
+    found = job.passes.estimate(job.cfg, job.adapted_model_path(), methods=methods, with_oracle=prior_cfg.oracle,
+                                checkpoint_hash=job.adapted_model_sha256())
     source = found.source
     outputs = {source_prior_name("pixel"): source.pixel, source_prior_name("image"): source.image,
                SOURCE_CALIBRATED: source.calibrated,
@@ -116,18 +116,23 @@ def estimate(job: JobContext, stage: StageDir) -> StageResult:
     return [*files, CALIBRATION_FILE], metrics
 
 
+EVALUATED_MODELS = {None: "adapted", "refine": "refined", "distill": "distilled"}  # eval.input_sizes keys
+
+
 def _evaluate(job: JobContext, model_stage: str | None, stage: StageDir,
               transforms: dict[str, Callable | None], with_source: bool) -> StageResult:
-    model = job.load(model_stage)
+    """Evaluate the model of ``model_stage`` (None: the adapted model) on target val (at the model input
+    ``eval.input_sizes`` sets for it, else the target size) with each logit transform, and on source val."""
+    model_path = job.adapted_model_path() if model_stage is None else job.model_path(model_stage)
+    target_size = job.cfg.eval.input_sizes.get(EVALUATED_MODELS[model_stage])
     subsets = eval_subsets(job.cfg)
     metrics: dict = {}
     splits = {"target_val": transforms}
     if with_source and job.cfg.data.source_val is not None:
         splits["source_val"] = {NO_ADJUST: None}
     for split, split_transforms in splits.items():
-        matrices = evaluate(model, job.loader(split), job.class_set.num_classes, device=job.device,
-                            logit_transforms=split_transforms, flip=job.cfg.eval.flip, scales=job.cfg.eval.scales,
-                            amp_dtype=amp_dtype_of(job.cfg, job.device))
+        matrices = job.passes.evaluate(job.cfg, model_path, split, split_transforms,
+                                       size=target_size if split == "target_val" else None)
         for name, matrix in matrices.items():
             metrics[evaluation_key(split, name)] = matrix.to_dict(job.class_set.names, subsets)
     write_json_atomic(stage.partial / "metrics.json", metrics)
@@ -161,18 +166,55 @@ def evaluate_refined(job: JobContext, stage: StageDir) -> StageResult:
     return _evaluate(job, "refine", stage, {NO_ADJUST: None}, with_source=False)
 
 
+def pseudo_inputs(cfg: ExperimentConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """What the pseudo stage reads: the CR model (``pseudo.teacher: refined``), or the adapted model with IA
+    towards the target prior (``adapted_ia``: the estimate stage's priors and the IA settings)."""
+    if cfg.pseudo.teacher == "adapted_ia":
+        return ("pseudo", "eval.amp_bf16", "adjust"), ("estimate",)
+    return ("pseudo", "eval.amp_bf16"), ("refine",)
+
+
 def pseudo(job: JobContext, stage: StageDir) -> StageResult:
-    """The CR-refined model labels target train (hard labels, low-confidence pixels ignored)."""
-    counts = write_pseudo_labels(job.load("refine"), job.loader("target", with_labels=False), stage.partial / "labels",
-                                 device=job.device, confidence_threshold=job.cfg.pseudo.confidence_threshold,
-                                 amp_dtype=amp_dtype_of(job.cfg, job.device))
-    return ["labels"], counts
+    """The teacher labels target train (hard labels, low-confidence pixels ignored): the CR-refined model, or
+    the adapted model with IA towards the target prior (the reference offers both)."""
+    priors_used = None
+    if job.cfg.pseudo.teacher == "adapted_ia":
+        priors = job.priors()
+        source, target = source_priors_of(priors), priors[TARGET]
+        teacher, transform = job.adapted_model_path(), ia_transform(job.cfg.adjust, source, target, job.calibration())
+        priors_used = {"source": source.of_kind(target.kind).to_dict(), "target": target.to_dict()}
+    else:
+        teacher, transform = job.model_path("refine"), None
+    settings = pseudo_settings(job.cfg, transform)
+    dataset = build_split(job.cfg, "target", train=False, with_labels=False)
+    counts = job.passes.label(job.cfg, teacher, dataset, stage.partial, settings)
+    write_label_manifest(stage.partial, job.cfg, teacher, counts, settings, priors_used)
+    if counts["failures"]:
+        print(f"[pseudo] {counts['failures']} image(s) could not be read: see {stage.final}/{LABEL_MANIFEST}")
+    return settings.output_dirs() + [LABEL_MANIFEST], {k: v for k, v in counts.items() if k != "failed"}
 
 
 def distill(job: JobContext, stage: StageDir) -> StageResult:
+    pseudo_dir = job.stages_root / "pseudo"
+    soft = {"soft_label_dir": str(pseudo_dir / SOFT)} if job.cfg.train.distill.targets == "soft" else {}
     return [MODEL_FILE, CHECKPOINT_INFO], _train(job, stage, "distill", init_checkpoint=str(job.adapted_model_path()),
-                                                 pseudo_label_dir=str(job.stages_root / "pseudo" / "labels"))
+                                                 pseudo_label_dir=str(pseudo_dir / LABELS), **soft)
 
 
 def evaluate_distilled(job: JobContext, stage: StageDir) -> StageResult:
     return _evaluate(job, "distill", stage, {NO_ADJUST: None}, with_source=False)
+
+
+def export(job: JobContext, stage: StageDir) -> StageResult:
+    """Model bundles for serving (``labelshift.bundle``): ``bundles/adapted`` (IA applies), ``bundles/refined``
+    and ``bundles/distilled`` (already prior-corrected), each with the priors, calibration and config."""
+    priors, calibration = job.priors(), job.calibration()
+    models = {"adapted": (job.adapted_model_path(), False, "pretrain"),
+              "refined": (job.model_path("refine"), True, "refine"),
+              "distilled": (job.model_path("distill"), True, "distill")}
+    files = []
+    for name, (model_path, corrected, model_stage) in models.items():
+        written = export_bundle(stage.partial / "bundles" / name, model_path=model_path, cfg=job.cfg, priors=priors,
+                                calibration=calibration, prior_corrected=corrected, model_stage=model_stage)
+        files += [f"bundles/{name}/{rel}" for rel in written]
+    return files, {"bundles": len(models)}

@@ -73,7 +73,14 @@ def endless_batches(dataset: Dataset, sampler: GlobalBatchSampler, start_step: i
 
 
 def poly_lr(base_lr: float, step: int, total_steps: int, power: float) -> float:
+    """``base_lr · (1 − step / total_steps) ** power`` (the reference's poly rule; ``total_steps`` its MAX_ITER)."""
     return base_lr * (1.0 - step / total_steps) ** power
+
+
+def schedule_horizon(optim: OptimConfig) -> int:
+    """The poly schedule's length: ``schedule_iterations`` (the reference's MAX_ITER, beyond the steps trained,
+    so the LR stops above 0) or, unset, ``iterations`` (the LR reaches 0 at the last step)."""
+    return optim.schedule_iterations or optim.iterations
 
 
 def make_optimizer(groups: list[tuple[list[nn.Parameter], float]], optim: OptimConfig) -> torch.optim.Optimizer:
@@ -87,7 +94,7 @@ def make_optimizer(groups: list[tuple[list[nn.Parameter], float]], optim: OptimC
 
 def set_poly_lr(optimizer: torch.optim.Optimizer, step: int, optim: OptimConfig) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = poly_lr(group["initial_lr"], step, optim.iterations, optim.poly_power)
+        group["lr"] = poly_lr(group["initial_lr"], step, schedule_horizon(optim), optim.poly_power)
 
 
 def _mean_over_workers(value: torch.Tensor, ctx: TrainContext) -> float:

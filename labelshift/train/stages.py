@@ -2,7 +2,8 @@
 
 ``train_worker(payload)`` is what Ray Train's ``TorchTrainer`` runs on every worker; ``run_stage(payload, ctx)``
 runs the same code in one process with a :class:`LocalContext`. The payload is plain JSON-able data:
-``{"stage", "config", "init_checkpoint", "source_prior", "target_prior", "pseudo_label_dir"}``.
+``{"stage", "config", "init_checkpoint", "source_prior", "target_prior", "pseudo_label_dir", "soft_label_dir"}``
+(``soft_label_dir``: distil on the top-k soft labels there instead of the hard pseudo labels).
 """
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ from labelshift.adjust import logit_adjusted_cross_entropy
 from labelshift.build import build_model, build_split, build_student, class_set_of
 from labelshift.classes import IGNORE_INDEX
 from labelshift.config import ExperimentConfig, OptimConfig, config_from_dict
+from labelshift.data.pseudo_labels import PseudoLabelDataset, soft_cross_entropy
 from labelshift.inference import autocast_for
-from labelshift.models import save_checkpoint, upsample_logits
+from labelshift.models import align_corners_of, save_checkpoint, upsample_logits
 from labelshift.priors import ClassPrior
 from labelshift.runtime import apply_runtime
 from labelshift.train.context import RayTrainContext, TrainContext
+from labelshift.train.class_balanced import ClassBalancedBatchSampler, classes_present
 from labelshift.train.loop import FINAL_MODEL, GlobalBatchSampler, endless_batches, make_optimizer, run_loop
 
 STAGES = ("source", "refine", "distill")
@@ -51,14 +54,15 @@ def _optim_of(cfg: ExperimentConfig, stage: str) -> OptimConfig:
     return getattr(cfg.train, stage)
 
 
-def _segmentation_loss(forward: nn.Module, batch: dict, device: torch.device, amp: bool, loss_of_logits) -> torch.Tensor:
+def _segmentation_loss(forward: nn.Module, batch: dict, device: torch.device, amp: bool, loss_of_logits,
+                       align_corners: bool) -> torch.Tensor:
     images = batch["image"].to(device, non_blocking=True)
     labels = batch["label"].to(device, non_blocking=True)
     if device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
     with autocast_for(device, torch.bfloat16 if amp else None):
         logits = forward(images)
-    logits = upsample_logits(logits.float(), tuple(labels.shape[-2:]))
+    logits = upsample_logits(logits.float(), tuple(labels.shape[-2:]), align_corners=align_corners)
     return loss_of_logits(logits, labels)
 
 
@@ -85,7 +89,7 @@ def _prepare(payload: dict, ctx: TrainContext) -> tuple[ExperimentConfig, nn.Mod
         source_prior = ClassPrior.from_dict(payload["source_prior"])
         target_prior = ClassPrior.from_dict(payload["target_prior"])
         loss = lambda logits, labels: logit_adjusted_cross_entropy(  # noqa: E731
-            logits, labels, source_prior, target_prior, ignore_index=IGNORE_INDEX)
+            logits, labels, source_prior, target_prior, tau=cfg.train.refine.tau, ignore_index=IGNORE_INDEX)
         forward = ctx.wrap_model(_FrozenFeaturesHead(model))
         return cfg, model, groups, forward, loss
     if stage == "distill" and cfg.train.distill.sync_bn and ctx.world_size > 1 and ctx.device.type == "cuda":
@@ -108,7 +112,15 @@ def run_stage(payload: dict, ctx: TrainContext) -> dict:
     torch.manual_seed(optim.seed + ctx.rank)
     which = "source" if stage in ("source", "refine") else "target"
     dataset = build_split(cfg, which, train=True, pseudo_label_dir=payload.get("pseudo_label_dir"), seed=optim.seed)
-    sampler = GlobalBatchSampler(len(dataset), optim.batch_size, ctx.rank, ctx.world_size, optim.seed)
+    if payload.get("soft_label_dir"):  # self-distillation on the top-k soft labels (CE against their distribution)
+        images = build_split(cfg, which, train=True, with_labels=False, seed=optim.seed)
+        dataset = PseudoLabelDataset(images, "soft", payload["soft_label_dir"], cfg.pseudo.confidence_threshold)
+        loss_of_logits = soft_cross_entropy
+    if optim.sampler == "class_balanced":  # FADA's source sampler (reference recipe); source labels only
+        sampler = ClassBalancedBatchSampler(classes_present(dataset, cfg.data.num_workers), class_set_of(cfg).num_classes,
+                                            optim.batch_size, ctx.rank, ctx.world_size, optim.seed)
+    else:
+        sampler = GlobalBatchSampler(len(dataset), optim.batch_size, ctx.rank, ctx.world_size, optim.seed)
     optimizer = make_optimizer(groups, optim)
     amp = optim.amp_bf16 and ctx.device.type == "cuda"
 
@@ -122,7 +134,8 @@ def run_stage(payload: dict, ctx: TrainContext) -> dict:
         ctx, model=model, optimizer=optimizer,
         make_batches=lambda start: endless_batches(dataset, sampler, start, cfg.data.num_workers,
                                                    pin_memory=ctx.device.type == "cuda"),
-        compute_loss=lambda batch: _segmentation_loss(forward, batch, ctx.device, amp, loss_of_logits),
+        compute_loss=lambda batch: _segmentation_loss(forward, batch, ctx.device, amp, loss_of_logits,
+                                                      align_corners_of(model)),
         optim=optim, save_final=save_final)
     return {"stage": stage, "steps_run": result.steps_run, "resumed_from": result.resumed_from,
             "losses": result.losses, "seconds": result.seconds, "world_size": ctx.world_size,

@@ -1,0 +1,204 @@
+"""Benchmark: soft-label generation on Ray Data against a reference-style loop, same images and model, one run.
+
+* **pipeline**: ``labelshift.runners.data.label_pass`` (decode tasks -> model actor -> write tasks): hard labels
+  and confidences at the image resolution, top-k soft labels at the model's output grid (the ``pseudo:``
+  defaults). Steady state = images written per second between the 10th-percentile and the last output file's
+  modification time (the actor's start-up and the first chunks excluded); start-up is reported separately.
+* **reference**: the reference code's loop: a DataLoader (PIL decode + resize, ``num_workers=1``), batch 1, fp32,
+  logits upsampled to the full image resolution, softmax, argmax, palette PNG saved with PIL; torch's default
+  thread count; steady state after the first 5 images.
+
+Both include decoding the 2048x1024 PNGs and writing every output. The model is the demo's small model trained
+briefly on the world's source images (its confidences make the kept-mass number meaningful), or ``--checkpoint``.
+``deeplabv2_resnet101`` (random weights: nothing is downloaded) runs the same comparison on ``--r101-images``.
+
+    python -m labelshift.bench.soft_labels [--world /tmp/labelshift_world_2048] [--images 200]
+
+The world (``labelshift world --size 2048x1024``, 200 target-train images) is generated on the first run and
+reused. Ends with one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+
+
+def _config(world: Path, out: Path, model: str, extra: Sequence[str] = ()):
+    from labelshift.config import load_config
+
+    return load_config(DEMO_CONFIG, [
+        f"output_dir={out}", "data.world=null", f"data.source.root={world}/gta5", f"data.source_val.root={world}/gta5",
+        f"data.target.root={world}/cityscapes", f"data.target_val.root={world}/cityscapes",
+        "data.source_transform.size=[256,128]", "data.target_transform.size=[1024,512]", f"model.name={model}",
+        "train.source.iterations=150", "train.source.batch_size=4", "eval.batch_size=4", "ray.data_actors=1",
+        "ray.data_cpus_per_actor=2", *extra])
+
+
+def _ensure_world(world: Path, images: int) -> None:
+    from labelshift.data.world import generate_world, read_world_manifest
+
+    if read_world_manifest(world) is None:
+        generate_world(world, size=(2048, 1024), num_source=10, num_target_train=images, num_target_val=4)
+
+
+def _teacher(cfg, out: Path, checkpoint: str | None) -> Path:
+    """``checkpoint``, else the small model trained for a few steps on the world's source (cached)."""
+    from labelshift.runners import LocalTrainRunner
+
+    if checkpoint:
+        return Path(checkpoint)
+    path = out / "teacher.safetensors"
+    if not path.exists():
+        payload = {"stage": "source", "config": cfg.model_dump(mode="json")}
+        LocalTrainRunner(out / "train").fit(payload, "source", path)
+    return path
+
+
+class _PilImages(torch.utils.data.Dataset):
+    """The reference's dataset: PIL decode, PIL bilinear resize, normalise."""
+
+    def __init__(self, paths: list[Path], size: tuple[int, int], mean, std) -> None:
+        self.paths, self.size = paths, size
+        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        image = Image.open(self.paths[index]).convert("RGB")
+        full = (image.height, image.width)
+        pixels = np.asarray(image.resize(self.size, Image.BILINEAR), np.float32) / 255.0
+        return torch.from_numpy(((pixels - self.mean) / self.std).transpose(2, 0, 1).copy()), full, index
+
+
+def reference_loop(model, paths: list[Path], cfg, out: Path, warmup: int = 5) -> tuple[float, float]:
+    """(steady img/s after ``warmup`` images, end-to-end img/s) of the reference-style loop."""
+    from PIL import Image
+
+    from labelshift.classes import get_class_set
+    from labelshift.models import upsample_logits
+
+    palette = np.zeros((256, 3), np.uint8)
+    palette[:19] = np.asarray(get_class_set(cfg.data.class_set).palette, np.uint8)
+    loader = torch.utils.data.DataLoader(_PilImages(paths, tuple(cfg.data.target_transform.size), cfg.data.mean,
+                                                    cfg.data.std), batch_size=1, num_workers=1)
+    out.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    steady_from = None
+    with torch.no_grad():
+        for done, (image, full, index) in enumerate(loader):
+            if done == warmup:
+                steady_from = time.perf_counter()
+            probs = upsample_logits(model(image), (int(full[0]), int(full[1]))).softmax(1)
+            label = probs.max(1)[1][0].to(torch.uint8).numpy()
+            png = Image.fromarray(label, "P")
+            png.putpalette(palette.reshape(-1).tolist())
+            buffer = io.BytesIO()
+            png.save(buffer, format="PNG")
+            (out / f"{int(index)}.png").write_bytes(buffer.getvalue())
+    ended = time.perf_counter()
+    return (len(paths) - warmup) / (ended - steady_from), len(paths) / (ended - began)
+
+
+def pipeline_run(cfg, checkpoint: Path, dataset, out: Path) -> dict:
+    """The Ray Data pass: its counts, steady img/s (from output mtimes), end-to-end img/s, start-up seconds."""
+    from labelshift.pseudo import pseudo_settings
+    from labelshift.runners.data import label_pass
+
+    settings = pseudo_settings(cfg)
+    began = time.time()
+    counts = label_pass(cfg, checkpoint, dataset, out, settings)
+    ended = time.time()
+    times = np.sort([p.stat().st_mtime for p in (out / "labels").glob("*.png")])
+    skip = max(1, len(times) // 10)
+    steady = (len(times) - 1 - skip) / max(times[-1] - times[skip], 1e-9)
+    soft_bytes = [p.stat().st_size for p in (out / "soft").glob("*.parquet")] if settings.soft_dir else [0]
+    return {"counts": counts, "steady_img_s": steady, "end_to_end_img_s": len(times) / (ended - began),
+            "startup_s": float(times[0] - began), "soft_label_bytes_per_image": float(np.mean(soft_bytes))}
+
+
+def compare(model_name: str, world: Path, out: Path, images: int, checkpoint: str | None) -> dict:
+    """Both loops over the first ``images`` target-train images with one model."""
+    from labelshift.build import build_model, build_split, class_set_of
+
+    cfg = _config(world, out / model_name, model_name)
+    teacher = _teacher(cfg, out / model_name, checkpoint) if model_name == "small" else None
+    if teacher is None:  # random weights, saved so that the actors load the same model
+        from labelshift.models import save_checkpoint
+
+        teacher = out / model_name / "random.safetensors"
+        teacher.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(build_model(cfg, fresh=True), teacher,
+                        {"model": model_name, "classes": list(class_set_of(cfg).names)})
+    dataset = build_split(cfg, "target", train=False, with_labels=False)
+    dataset.files, dataset.names = dataset.files[:images], dataset.names[:images]
+    for stale in ("pipeline", "reference"):
+        shutil.rmtree(out / model_name / stale, ignore_errors=True)
+    pipeline = pipeline_run(cfg, teacher, dataset, out / model_name / "pipeline")
+    model = build_model(cfg, teacher).eval()
+    steady, end_to_end = reference_loop(model, [path for path, _ in dataset.files], cfg, out / model_name / "reference")
+    width, height = cfg.data.target_transform.size
+    grid = (height // model.output_stride, width // model.output_stride)
+    return {"model": model_name, "images": images, "pipeline": pipeline,
+            "reference": {"steady_img_s": steady, "end_to_end_img_s": end_to_end},
+            "ratio": pipeline["steady_img_s"] / steady, "soft_grid": list(grid),
+            "fp32_softmax_bytes_per_image": 19 * grid[0] * grid[1] * 4}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import ray
+
+    parser = argparse.ArgumentParser(prog="python -m labelshift.bench.soft_labels", description=__doc__.split("\n")[0])
+    parser.add_argument("--world", default="/tmp/labelshift_world_2048", help="2048x1024 world (generated if missing)")
+    parser.add_argument("--out", default="outputs/bench_soft_labels")
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--r101-images", type=int, default=6, help="images for deeplabv2_resnet101 (0: skip)")
+    parser.add_argument("--checkpoint", default=None, help="small-model teacher (default: trained briefly)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    world, out = Path(args.world), Path(args.out).resolve()
+    _ensure_world(world, args.images)
+    load = os.getloadavg()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        results = [compare("small", world, out, args.images, args.checkpoint)]
+        if args.r101_images:
+            results.append(compare("deeplabv2_resnet101", world, out, args.r101_images, None))
+    finally:
+        ray.shutdown()
+    for result in results:
+        print(f"{result['model']}: pipeline {result['pipeline']['steady_img_s']:.2f} img/s (end to end "
+              f"{result['pipeline']['end_to_end_img_s']:.2f}, start-up {result['pipeline']['startup_s']:.1f} s), "
+              f"reference {result['reference']['steady_img_s']:.2f} img/s (end to end "
+              f"{result['reference']['end_to_end_img_s']:.2f}); ratio {result['ratio']:.2f}; soft labels "
+              f"{result['pipeline']['soft_label_bytes_per_image']:.0f} B/image vs fp32 softmax "
+              f"{result['fp32_softmax_bytes_per_image']} B; kept mass "
+              f"{result['pipeline']['counts']['soft_label_mean_kept_mass']:.4f}")
+    small = results[0]
+    summary = {"pipeline_img_s": small["pipeline"]["steady_img_s"], "reference_img_s": small["reference"]["steady_img_s"],
+               "ratio": small["ratio"], "soft_label_bytes_per_image": small["pipeline"]["soft_label_bytes_per_image"],
+               "fp32_softmax_bytes_per_image": small["fp32_softmax_bytes_per_image"], "images": small["images"],
+               "input_size": "1024x512", "device": "cpu", "kept_mass": small["pipeline"]["counts"]["soft_label_mean_kept_mass"],
+               "load_average_before": [round(v, 2) for v in load], "cpu_count": os.cpu_count(),
+               "deeplabv2_resnet101": ({k: results[1][k] for k in ("ratio", "images")} | {
+                   "pipeline_img_s": results[1]["pipeline"]["steady_img_s"],
+                   "reference_img_s": results[1]["reference"]["steady_img_s"]}) if len(results) > 1 else None}
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""The library side of an Inference Adjustment sweep: what a trial gets and how it scores one setting.
+
+A trial receives :class:`IASweepInputs` (the dumped experiment config, every prior of the estimate stage, the
+calibration, the selection split's :class:`~labelshift.logit_cache.LogitCache` and the label-free reference
+posterior) and a setting ``{config path: value}``; :func:`score_setting` applies the setting to the config,
+builds the IA transform with the library's one factory (:func:`labelshift.adjust.ia_transform`) and scores it
+on the cache: the labelled selection mIoU and every label-free objective (:mod:`labelshift.selection`).
+The network never runs in a trial. Ray Tune glue: :mod:`labelshift.runners.tune`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from labelshift.adjust import ia_transform
+from labelshift.artifacts import CALIBRATION_FILE, SOURCE_CALIBRATED, estimate_name, read_priors, source_prior_name
+from labelshift.calibrate import Calibration
+from labelshift.config import ExperimentConfig, config_from_dict
+from labelshift.logit_cache import LogitCache, LogitTransform
+from labelshift.priors import ClassPrior, SourcePriors, load_prior
+from labelshift.selection import LabelFreeScores, ReferencePosterior, reference_posterior
+from labelshift.sweep_space import SELECT_METRIC, with_setting
+
+LABEL_FREE_PREFIX = "label_free_"  # trial metric keys of the label-free objectives: label_free_<objective>
+REFERENCE_SETTING: dict[str, Any] = {"adjust.space": "raw", "adjust.temperature": 1.0, "adjust.tau_source": 1.0,
+                                     "adjust.tau_target": 1.0, "prior.method": "reference"}  # the paper's IA
+
+
+@dataclass
+class EstimateOutputs:
+    """What the estimate stage wrote: every prior by name (its ``priors.json`` index) and the calibration."""
+
+    priors: dict[str, ClassPrior]
+    calibration: Calibration
+
+    @classmethod
+    def read(cls, directory: str | Path) -> "EstimateOutputs":
+        directory = Path(directory)
+        calibration = Calibration.from_dict(json.loads((directory / CALIBRATION_FILE).read_text()))
+        return cls(read_priors(directory), calibration)
+
+    def source(self) -> SourcePriors:
+        return SourcePriors(self.priors[source_prior_name("pixel")], self.priors[source_prior_name("image")],
+                            self.priors.get(SOURCE_CALIBRATED))
+
+    def target(self, cfg: ExperimentConfig) -> ClassPrior:
+        """The target prior a config asks for: ``prior.target_prior`` (a preset or file) when set, else the
+        estimate of ``prior.method`` (the estimate stage's rule for the ``target`` prior)."""
+        if cfg.prior.target_prior:
+            return load_prior(cfg.prior.target_prior, self.priors[source_prior_name("pixel")].classes)
+        name = estimate_name(cfg.prior.method)
+        if name not in self.priors:
+            raise ValueError(f"the estimate stage wrote no {name!r} prior (it has {sorted(self.priors)}): re-run "
+                             "the estimate stage with this version")
+        return self.priors[name]
+
+
+@dataclass
+class IASweepInputs:
+    """Everything a trial reads (shared with every trial once, through Ray's object store)."""
+
+    config: dict  # the experiment config, dumped (a setting's paths are set on a copy)
+    estimates: EstimateOutputs
+    cache: LogitCache  # the selection split (labelled)
+    reference: ReferencePosterior | None  # for the label-free objectives (None: not computed)
+
+
+def build_inputs(cfg: ExperimentConfig, estimates: EstimateOutputs, cache: LogitCache,
+                 label_free: bool = True) -> IASweepInputs:
+    """The trial inputs; the reference posterior uses the ``em`` estimate and the calibrated source prior."""
+    reference = None
+    if label_free:
+        source = estimates.source()
+        calibrated = source.calibrated if source.calibrated is not None else source.pixel
+        reference = reference_posterior(cache, estimates.calibration, calibrated.probs,
+                                        estimates.priors[estimate_name("em")].probs)
+    return IASweepInputs(cfg.model_dump(mode="json"), estimates, cache, reference)
+
+
+def setting_config(inputs: IASweepInputs, setting: dict[str, Any]) -> ExperimentConfig:
+    """The experiment config of a setting (validated)."""
+    return config_from_dict(with_setting(inputs.config, setting), "<sweep setting>")
+
+
+def transform_of(inputs: IASweepInputs, setting: dict[str, Any]) -> tuple[LogitTransform, ClassPrior]:
+    """The IA transform of a setting (the library's factory) and its target prior."""
+    cfg = setting_config(inputs, setting)
+    target = inputs.estimates.target(cfg)
+    source = inputs.estimates.source()
+    return ia_transform(cfg.adjust, source, target, inputs.estimates.calibration), target
+
+
+def score_setting(inputs: IASweepInputs, setting: dict[str, Any], cache: LogitCache | None = None,
+                  label_free: bool = True) -> dict[str, float]:
+    """``select_miou`` (percent; or the mIoU on ``cache`` when given, e.g. target val), pixel accuracy and, with
+    ``label_free`` and a reference posterior, ``label_free_<objective>`` for every objective."""
+    transform, target = transform_of(inputs, setting)
+    cache = cache or inputs.cache
+    scores = LabelFreeScores(inputs.reference, target.probs) if label_free and inputs.reference else None
+    matrix = cache.empty_matrix()
+    for index in range(len(cache)):
+        adjusted = transform(cache.low_res(index)[None])[0]
+        cache.add_image(matrix, adjusted, index)
+        if scores is not None:
+            scores.add(index, adjusted)
+    confusion = cache.as_confusion(matrix)
+    metrics = {SELECT_METRIC: 100.0 * confusion.miou(), "pixel_accuracy": 100.0 * confusion.pixel_accuracy()}
+    if scores is not None:
+        metrics.update({LABEL_FREE_PREFIX + name: value for name, value in scores.result().items()})
+    return metrics

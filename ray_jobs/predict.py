@@ -1,0 +1,48 @@
+"""Batch prediction on Ray Data: one PNG per image, Cityscapes labelIds (what the official
+``cityscapesscripts`` evaluation and the benchmark server take), trainIds or colours.
+
+    python ray_jobs/predict.py --config C --checkpoint M (--images DIR | --split val) --out DIR \
+        [--format labelids|trainids|color] [--adjust none|ia --priors ESTIMATE_DIR]
+
+Files are ``<out>/<stem>.png`` (``_leftImg8bit`` dropped) at each image's own resolution, plus ``<out>/pseudo.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working directory of `ray job submit`
+
+from labelshift.config import ConfigError  # noqa: E402
+from labelshift.predict import add_arguments, prediction_inputs  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    import ray
+
+    from labelshift.runners.data import RayDataPasses, run_labelling
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg, dataset, settings, priors_used = prediction_inputs(args)
+    except ConfigError as err:
+        print(f"{Path(__file__).name}: error: {err}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local")
+    try:
+        run_labelling(RayDataPasses(), cfg, args.checkpoint, dataset, Path(args.out).resolve(), settings, priors_used)
+    finally:
+        if started_here:
+            ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""The Ray Serve application over real HTTP on the session's local Ray: endpoints, every bad input with its status,
+a fuzz test, back-pressure, hot-swapped priors (PUT and user_config) without a restart, the token guard, online
+tracking, the served mask against labelshift.inference.predict, a 3-second load smoke and the upload page in
+headless Chromium."""
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import io
+import json
+import os
+import shutil
+import struct
+import subprocess
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import DEMO_CONFIG, PROJECT
+
+httpx = pytest.importorskip("httpx")
+serve = pytest.importorskip("ray.serve")
+TOKEN = "s3cret-token"
+MAX_BYTES, MAX_PIXELS = 300_000, 400_000
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    return cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
+
+
+def _ids(png: bytes) -> np.ndarray:
+    return np.array(Image.open(io.BytesIO(png)))
+
+
+@pytest.fixture(scope="module")
+def server(local_ray, tiny_trained, tmp_path_factory):
+    """Three apps on one Serve instance on a free loopback port: ``/`` (adapted bundle, token, online tracking),
+    ``/corrected`` (the same weights marked prior-corrected, no token), ``/tight`` (one request at a time)."""
+    from labelshift.bench.serve import free_port
+    from labelshift.bundle import export_bundle
+    from labelshift.calibrate import Calibration
+    from labelshift.config import load_config
+    from serve.app import build_app
+
+    root = tmp_path_factory.mktemp("serve")
+    cfg = load_config(DEMO_CONFIG, tiny_trained.overrides)
+    for name, corrected in (("adapted", False), ("corrected", True)):
+        export_bundle(root / name, model_path=tiny_trained.model, cfg=cfg, priors=tiny_trained.priors(),
+                      calibration=Calibration.from_dict(tiny_trained.calibration()), prior_corrected=corrected,
+                      model_stage="refine" if corrected else "pretrain")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    common = {"num_cpus": 0.25, "max_bytes": MAX_BYTES, "max_pixels": MAX_PIXELS}
+    serve.run(build_app({"bundle": str(root / "adapted"), "token": TOKEN, **common,
+                         "online": {"enabled": True, "window_images": 8, "min_images": 2, "update_every": 2}}),
+              name="main", route_prefix="/")
+    serve.run(build_app({"bundle": str(root / "corrected"), **common}), name="corrected", route_prefix="/corrected")
+    serve.run(build_app({"bundle": str(root / "adapted"), **common, "max_batch_size": 1, "max_ongoing_requests": 1,
+                         "max_queued_requests": 1}), name="tight", route_prefix="/tight")
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        yield {"client": client, "root": root, "url": f"http://127.0.0.1:{port}", "build_app": build_app,
+               "common": common}
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def world_image(tiny_world) -> np.ndarray:
+    from labelshift.data.io import read_image
+
+    return read_image(sorted((tiny_world / "cityscapes" / "leftImg8bit" / "val").rglob("*.png"))[0])
+
+
+def _segment(client, body: bytes, path: str = "/v1/segment", content_type: str = "image/png", **params):
+    return client.post(path, content=body, headers={"content-type": content_type}, params=params)
+
+
+def _healthy(client, prefix: str = "") -> str:
+    answer = client.get(f"{prefix}/healthz")
+    assert answer.status_code == 200 and answer.json()["status"] == "ok"
+    return answer.json()["replica"]
+
+
+def test_endpoints_answer_and_openapi_lists_them(server):
+    client = server["client"]
+    assert _healthy(server["client"]) and _healthy(client, "/corrected")
+    assert set(client.get("/openapi.json").json()["paths"]) == {"/v1/segment", "/v1/priors", "/healthz"}
+    page = client.get("/")
+    assert page.status_code == 200 and "<title>labelshift segmentation</title>" in page.text
+    priors = client.get("/v1/priors").json()
+    assert (priors["target_name"], priors["default_adjust"], priors["prior_corrected"]) == ("target", "ia", False)
+    assert client.get("/corrected/v1/priors").json()["default_adjust"] == "none"
+
+
+def test_the_served_mask_equals_predict_in_every_format(server, world_image):
+    from labelshift.adjust import ia_transform
+    from labelshift.bundle import load_bundle
+    from labelshift.inference import predict
+    from labelshift.serving import SegmentationEngine
+
+    client, body = server["client"], _png(world_image)
+    engine = SegmentationEngine(load_bundle(server["root"] / "adapted"))
+    bundle = engine.bundle
+    logits = predict(engine.model, engine.image_tensor(world_image)[None], world_image.shape[:2],
+                     device=torch.device("cpu"))
+    settings = bundle.adjust.model_copy(update={"temperature": 1.5, "tau_target": 0.8})
+    expected = ia_transform(settings, bundle.source, bundle.target_prior, bundle.calibration)(logits).argmax(1)[0]
+    raw = _segment(client, body, adjust="ia", temperature=1.5, tau_target=0.8)
+    assert raw.status_code == 200 and raw.headers["content-type"] == "image/png"
+    assert np.array_equal(_ids(raw.content), expected.numpy())
+    assert raw.headers["x-labelshift-prior"] == "target"
+    multipart = client.post("/v1/segment", params={"format": "json", "adjust": "none"},
+                            files={"image": ("street.png", body, "image/png")})
+    document = multipart.json()
+    unadjusted = logits.argmax(1)[0].numpy()
+    assert (document["width"], document["height"], document["adjust"]) == (64, 32, "none")
+    assert np.array_equal(_ids(base64.b64decode(document["mask_png_base64"])), unadjusted)
+    shares = np.bincount(unadjusted.ravel(), minlength=19) / unadjusted.size
+    assert [document["class_shares"][name] for name in document["classes"]] == pytest.approx(shares.tolist())
+    overlay = _segment(client, body, format="overlay", adjust="none")
+    colours = np.asarray(engine.palette, dtype=np.float32)[unadjusted]
+    blended = np.rint(0.5 * world_image.astype(np.float32) + 0.5 * colours)
+    assert np.array_equal(np.array(Image.open(io.BytesIO(overlay.content))), blended.astype(np.uint8))
+
+
+def _bomb_header(width: int, height: int) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+
+
+def test_every_bad_input_gets_its_status_as_json_and_the_server_stays_healthy(server, world_image):
+    client, body = server["client"], _png(world_image)
+    noise = np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)  # 480 kB as PNG
+    cases = [
+        (_segment(client, body[: len(body) // 2]), 400, "corrupt"),
+        (_segment(client, b"not an image at all"), 400, "corrupt"),
+        (_segment(client, _png(noise)), 413, "too_large"),
+        (client.post("/v1/segment", files={"image": ("big.png", _png(noise), "image/png")}), 413, "too_large"),
+        (_segment(client, _bomb_header(50_000, 50_000)), 413, "too_large"),
+        (_segment(client, body, content_type="image/gif"), 415, "unsupported_type"),
+        (_segment(client, body, content_type="text/plain"), 415, "unsupported_type"),
+        (_segment(client, body, content_type="image/jpeg"), 415, "unsupported_type"),
+        (client.post("/v1/segment", files={"image": ("a.txt", b"hello", "text/plain")}), 415, "unsupported_type"),
+        (_segment(client, body, temperature=100), 422, "bad_parameters"),
+        (_segment(client, body, tau_target=-1), 422, "bad_parameters"),
+        (_segment(client, body, adjust="magic"), 422, "bad_parameters"),
+        (_segment(client, body, format="gif"), 422, "bad_parameters"),
+        (_segment(client, body, "/corrected/v1/segment", adjust="ia"), 422, "bad_parameters"),
+        (_segment(client, body, "/tight/v1/segment", adjust="online"), 422, "bad_parameters"),
+    ]
+    for answer, status, error in cases:
+        assert (answer.status_code, answer.json()["error"]) == (status, error), answer.text
+        assert answer.json()["detail"]
+    assert "would correct twice" in cases[13][0].json()["detail"]
+    assert "50000x50000" in cases[4][0].json()["detail"]
+    gray16 = (np.arange(32 * 64).reshape(32, 64) * 31).astype(np.uint16)
+    converted = client.post("/v1/segment", files={"image": ("g.png", cv2.imencode(".png", gray16)[1].tobytes(),
+                                                            "application/octet-stream")})
+    assert converted.status_code == 200 and _ids(converted.content).shape == (32, 64)
+    _healthy(client)
+
+
+def test_fuzzed_bytes_never_yield_a_5xx_or_a_dead_replica(server, world_image):
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    client, body = server["client"], _png(world_image)
+    replica = _healthy(client)
+
+    @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(st.one_of(st.binary(max_size=2000),
+                     st.tuples(st.integers(0, len(body) - 1), st.binary(min_size=1, max_size=16),
+                               st.integers(0, len(body))).map(  # overwrite some bytes, maybe truncate
+                         lambda m: (body[: m[0]] + m[1] + body[m[0] + len(m[1]):])[: m[2] or None]),
+                     st.integers(1, len(body) - 1).map(lambda cut: body[:cut])),
+           st.sampled_from(["image/png", "image/jpeg"]))
+    def check(data: bytes, content_type: str) -> None:
+        answer = _segment(client, data, content_type=content_type)
+        assert answer.status_code < 500, answer.text
+        if answer.status_code != 200:
+            assert set(answer.json()) == {"error", "detail"}
+
+    check()
+    assert _healthy(client) == replica
+
+
+def test_overload_answers_503_and_the_server_recovers(server):
+    noise = np.random.default_rng(1).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    body = cv2.imencode(".jpg", noise)[1].tobytes()
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        statuses = list(pool.map(lambda _: httpx.post(f"{server['url']}/tight/v1/segment", content=body, timeout=60,
+                                                      headers={"content-type": "image/jpeg"}).status_code, range(24)))
+    assert set(statuses) == {200, 503} and statuses.count(200) >= 2, statuses
+    _healthy(server["client"], "/tight")
+
+
+def _sky_prior(classes) -> dict:
+    from labelshift.priors import ClassPrior
+
+    weights = np.full(len(classes), 0.001)
+    weights[list(classes).index("sky")] = 1.0
+    return ClassPrior(tuple(classes), weights, "pixel", provenance={"estimator": "hand"}).to_dict()
+
+
+def test_priors_hot_swap_changes_the_output_without_a_restart_and_needs_the_token(server, world_image):
+    client, body = server["client"], _png(world_image)
+    replica = _healthy(client)
+    before = client.get("/v1/priors").json()
+    sky = _sky_prior(before["target"]["classes"])
+    assert client.put("/v1/priors", json=sky).status_code == 401
+    wrong = client.put("/v1/priors", json=sky, headers={"authorization": "Bearer nope"})
+    assert (wrong.status_code, wrong.json()["error"]) == (403, "forbidden")
+    assert _segment(client, body, adjust="ia").content == _segment(client, body, adjust="ia").content
+    mask_before = _ids(_segment(client, body, adjust="ia").content)
+    swapped = client.put("/v1/priors", json=sky, headers={"authorization": f"Bearer {TOKEN}"})
+    assert swapped.status_code == 200 and swapped.json()["version"] == before["version"] + 1
+    sky_id = before["target"]["classes"].index("sky")
+    mask_after = _ids(_segment(client, body, adjust="ia").content)
+    assert (mask_after == sky_id).mean() > (mask_before == sky_id).mean()
+    assert _healthy(client) == replica  # PUT swapped the prior in the running replica
+    bad = client.put("/v1/priors", json={**sky, "classes": sky["classes"][:-1]},
+                     headers={"authorization": f"Bearer {TOKEN}"})
+    assert (bad.status_code, bad.json()["error"]) == (422, "bad_prior")
+    # a user_config change reaches reconfigure(): the named prior of the bundle (a Python serve.run redeploy gets
+    # a new code version, so Serve may restart the replica; `serve deploy` of a config changing only
+    # user_config updates replicas in place)
+    serve.run(server["build_app"]({"bundle": str(server["root"] / "adapted"), "token": TOKEN, **server["common"],
+                                   "online": {"enabled": True, "window_images": 8, "min_images": 2,
+                                              "update_every": 2}},
+                                  user_config={"target_prior": "estimate_count", "adjust": {"tau_target": 0.5}}),
+              name="main", route_prefix="/")
+    after = client.get("/v1/priors").json()
+    assert (after["target_name"], after["adjust"]["tau_target"]) == ("estimate_count", 0.5)
+    # without a token, a loopback-bound server takes PUT from loopback
+    assert client.put("/corrected/v1/priors", json=sky).status_code == 200
+
+
+def test_online_tracking_reestimates_from_served_images(server, tiny_world):
+    client = server["client"]
+    images = sorted((tiny_world / "cityscapes" / "leftImg8bit" / "train").rglob("*.png"))[:6]
+    seen = client.get("/v1/priors").json()["online"]["images_seen"]
+    for path in images:
+        assert _segment(client, path.read_bytes(), adjust="none").status_code == 200
+    online = client.get("/v1/priors").json()["online"]
+    assert online["images_seen"] == seen + 6 and online["window_images"] == min(8, seen + 6)
+    assert online["updates"] >= 3 and online["prior"]["provenance"]["estimator"] == "em"
+    answer = _segment(client, images[0].read_bytes(), adjust="online")
+    assert answer.headers["x-labelshift-prior"] == "online"
+
+
+def test_a_three_second_load_gives_no_5xx_but_deliberate_503s(server, world_image):
+    from labelshift.bench.serve import run_load
+
+    result = run_load(f"{server['url']}/v1/segment", _png(world_image), clients=4, seconds=3)
+    assert result["errors_5xx"] == 0 and result["rps"] > 1 and set(result["statuses"]) <= {"200", "503"}
+    _healthy(server["client"])
+
+
+def _chromium() -> tuple[str, str] | None:
+    found = shutil.which("chromium"), shutil.which("chromedriver")
+    if all(found):
+        return found
+    if os.environ.get("CI") == "true":  # CI must run the page test: install Debian's packages
+        subprocess.run(["apt-get", "install", "-y", "chromium", "chromium-driver"], check=False, timeout=600)
+        found = shutil.which("chromium"), shutil.which("chromedriver")
+        assert all(found), "CI=true but apt-get could not install chromium and chromium-driver"
+        return found
+    return None
+
+
+def test_the_upload_page_shows_the_overlay_and_class_shares_in_headless_chromium(server, tiny_world):
+    found = _chromium()
+    if found is None:
+        pytest.skip("headless Chromium is not installed (apt-get install chromium chromium-driver; under CI=true "
+                    "the test installs it)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = found[0]
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=900,700"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(found[1]), options=options)
+    try:
+        driver.get(server["url"] + "/")
+        image = sorted((tiny_world / "cityscapes" / "leftImg8bit" / "val").rglob("*.png"))[0]
+        driver.find_element(By.ID, "file").send_keys(str(image))
+        driver.find_element(By.ID, "submit").click()
+        WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#shares li"))
+        overlay = driver.find_element(By.ID, "overlay")
+        assert overlay.is_displayed() and driver.execute_script("return arguments[0].naturalWidth", overlay) == 64
+        shares = [item.text for item in driver.find_elements(By.CSS_SELECTOR, "#shares li")]
+        assert shares and all(": " in text and text.endswith(" %") for text in shares)
+        assert "64x32, adjust=ia, prior=" in driver.find_element(By.ID, "status").text
+        artifacts = Path(os.environ.get("LABELSHIFT_TEST_ARTIFACTS", PROJECT / "outputs" / "test-artifacts"))
+        artifacts.mkdir(parents=True, exist_ok=True)
+        assert driver.save_screenshot(str(artifacts / "serve_page.png"))
+    finally:
+        driver.quit()

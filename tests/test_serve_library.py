@@ -1,0 +1,202 @@
+"""The serving library without Ray: strict decoding and limits, the PUT guard, bundles (export, load, sweep
+overrides), the engine's masks against labelshift.inference.predict, and online prior tracking."""
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from labelshift.adjust import ia_transform
+from labelshift.bundle import BundleError, apply_overrides_file, export_bundle, load_bundle
+from labelshift.calibrate import Calibration
+from labelshift.data.decode import ImageInputError, ImageLimits, decode_image
+from labelshift.data.io import read_image
+from labelshift.inference import predict
+from labelshift.priors import ClassPrior, SourcePriors, prior_l1
+from labelshift.serving import OnlinePriorTracker, ParameterError, SegmentationEngine, SegmentOptions
+from labelshift.serving.auth import check_mutation
+
+
+def _png(array: np.ndarray) -> bytes:
+    ok, encoded = cv2.imencode(".png", array)
+    assert ok
+    return encoded.tobytes()
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR chunk announcing width x height (8-bit RGB), and nothing else."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+
+
+RGB = (np.arange(5 * 7 * 3).reshape(5, 7, 3) * 5 % 256).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+def test_png_and_jpeg_decode_as_the_dataset_reader_reads_them(tmp_path):
+    for suffix in (".png", ".jpg"):
+        path = tmp_path / f"image{suffix}"
+        cv2.imwrite(str(path), cv2.cvtColor(RGB, cv2.COLOR_RGB2BGR))
+        decoded = decode_image(path.read_bytes())
+        assert decoded.dtype == np.uint8 and decoded.shape == (5, 7, 3)
+        assert np.array_equal(decoded, read_image(path))
+    assert np.array_equal(decode_image(_png(cv2.cvtColor(RGB, cv2.COLOR_RGB2BGR))), RGB)
+
+
+def test_gray_rgba_palette_and_16_bit_images_are_converted_not_rejected():
+    gray = RGB[..., 0]
+    assert np.array_equal(decode_image(_png(gray)), np.repeat(gray[..., None], 3, axis=2))
+    bgra = np.dstack([cv2.cvtColor(RGB, cv2.COLOR_RGB2BGR), np.full((5, 7), 9, np.uint8)])
+    assert np.array_equal(decode_image(_png(bgra)), RGB)  # alpha dropped
+    sixteen = RGB.astype(np.uint16) * 257  # 16-bit: v * 257 scales back to v exactly
+    assert np.array_equal(decode_image(_png(cv2.cvtColor(sixteen, cv2.COLOR_RGB2BGR))), RGB)
+    buffer = io.BytesIO()
+    palette_image = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), mode="P")
+    palette_image.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    palette_image.save(buffer, format="PNG")
+    assert decode_image(buffer.getvalue()).tolist() == [[[10, 20, 30], [200, 100, 50]], [[200, 100, 50], [10, 20, 30]]]
+
+
+@pytest.mark.parametrize("make, declared, status, reason, words", [
+    (lambda png: b"", None, 400, "corrupt", "empty body"),
+    (lambda png: png[: len(png) // 2], None, 400, "corrupt", "truncated or corrupt"),
+    (lambda png: png[:20], None, 400, "corrupt", "no IHDR"),
+    (lambda png: b"\xff\xd8\xff\xe0" + b"\x00" * 40, None, 400, "corrupt", "JPEG"),
+    (lambda png: b"hello world", None, 400, "corrupt", "not an image"),
+    (lambda png: b"GIF89a" + png, None, 415, "unsupported_type", "gif"),
+    (lambda png: png, "jpeg", 415, "unsupported_type", "declared jpeg but the bytes are png"),
+    (lambda png: png + b"\x00" * 2000, None, 413, "too_large", "the limit is 2000 bytes"),
+    (lambda png: _png_header(100_000, 100_000), None, 413, "too_large", "10000000000 pixels; the limit is 4096"),
+    (lambda png: _png_header(0, 10), None, 400, "corrupt", "empty image"),
+])
+def test_bad_bytes_raise_the_status_and_reason_they_deserve(make, declared, status, reason, words):
+    limits = ImageLimits(max_bytes=2000, max_pixels=4096)
+    with pytest.raises(ImageInputError) as caught:
+        decode_image(make(_png(RGB)), limits, declared)
+    assert (caught.value.status, caught.value.reason) == (status, reason)
+    assert words in caught.value.detail
+
+
+# ------------------------------------------------------------------------------------------------ PUT guard
+def test_put_needs_the_token_when_one_is_set_and_loopback_otherwise():
+    assert check_mutation("s3cret", "Bearer s3cret", "0.0.0.0", "10.0.0.8") is None
+    assert check_mutation("s3cret", None, "127.0.0.1", "127.0.0.1").status == 401
+    assert check_mutation("s3cret", "Basic s3cret", "127.0.0.1", "127.0.0.1").status == 401
+    assert check_mutation("s3cret", "Bearer s3creT", "127.0.0.1", "127.0.0.1").status == 403
+    assert check_mutation(None, None, "127.0.0.1", "127.0.0.1") is None
+    assert check_mutation(None, None, "::1", "::1") is None
+    refused = check_mutation(None, None, "0.0.0.0", "127.0.0.1")
+    assert refused.status == 403 and "LABELSHIFT_SERVE_TOKEN" in refused.detail
+    assert check_mutation(None, None, None, "127.0.0.1").status == 403  # unknown bind address: refused
+    assert check_mutation(None, None, "127.0.0.1", "192.168.1.4").status == 403
+
+
+# ------------------------------------------------------------------------------------------------ bundles
+@pytest.fixture(scope="module")
+def bundle_dir(tiny_trained, tmp_path_factory):
+    from labelshift.config import load_config
+    from conftest import DEMO_CONFIG
+
+    directory = tmp_path_factory.mktemp("bundle") / "adapted"
+    export_bundle(directory, model_path=tiny_trained.model, cfg=load_config(DEMO_CONFIG, tiny_trained.overrides),
+                  priors=tiny_trained.priors(), calibration=Calibration.from_dict(tiny_trained.calibration()),
+                  prior_corrected=False, model_stage="pretrain")
+    return directory
+
+
+def test_a_bundle_round_trips_and_carries_no_oracle(bundle_dir, tiny_trained):
+    bundle = load_bundle(bundle_dir)
+    written = tiny_trained.priors()
+    assert "oracle_pixel" in written and not any(name.startswith("oracle") for name in bundle.priors)
+    assert bundle.target_prior.probs.tolist() == written["target"].probs.tolist()
+    assert bundle.source.calibrated.probs.tolist() == written["source_calibrated"].probs.tolist()
+    assert (bundle.input_size, bundle.prior_corrected, bundle.model_stage) == ((64, 32), False, "pretrain")
+    assert bundle.calibration.to_dict() == tiny_trained.calibration()
+
+
+def test_a_bundle_with_other_weights_is_refused(bundle_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle_dir, copy)
+    (copy / "model.safetensors").unlink()
+    (copy / "model.safetensors").write_bytes((bundle_dir / "model.safetensors").read_bytes() + b" ")
+    with pytest.raises(BundleError, match="differs from the bundle's"):
+        load_bundle(copy).build_model()
+    with pytest.raises(BundleError, match="bundle.json is missing"):
+        load_bundle(tmp_path)
+
+
+def test_sweep_overrides_set_the_ia_settings_and_the_estimate(bundle_dir, tmp_path):
+    overrides = tmp_path / "best.yaml"
+    overrides.write_text("adjust: {temperature: 1.5, tau_target: 0.5}\nprior.method: bbse\n")
+    tuned = apply_overrides_file(load_bundle(bundle_dir), overrides)
+    assert (tuned.adjust.temperature, tuned.adjust.tau_target, tuned.target_prior_name) == (1.5, 0.5, "estimate_bbse")
+    overrides.write_text("- adjust.temperature=0\n")
+    with pytest.raises(BundleError, match="adjust.temperature: Input should be greater than 0"):
+        apply_overrides_file(load_bundle(bundle_dir), overrides)
+    overrides.write_text("- prior.calibration=none\n- adjust.tau_source=2\n")
+    with pytest.raises(BundleError, match=r"\['prior.calibration=none'\] need a new estimate"):
+        apply_overrides_file(load_bundle(bundle_dir), overrides)
+
+
+# ------------------------------------------------------------------------------------------------ engine
+def test_engine_masks_equal_predict_with_the_same_ia_at_any_size(bundle_dir, tiny_world):
+    bundle = load_bundle(bundle_dir)
+    engine = SegmentationEngine(bundle)
+    path = sorted((tiny_world / "cityscapes" / "leftImg8bit" / "val").rglob("*.png"))[0]
+    image = read_image(path)
+    small = np.ascontiguousarray(image[:20, :50])
+    answers = engine.segment([image, small], [SegmentOptions("ia", temperature=2.0), SegmentOptions("none")])
+    ia = ia_transform(bundle.adjust.model_copy(update={"temperature": 2.0}), bundle.source, bundle.target_prior,
+                      bundle.calibration)
+    for answer, array, transform in ((answers[0], image, ia), (answers[1], small, None)):
+        logits = predict(engine.model, engine.image_tensor(array)[None], array.shape[:2], device=torch.device("cpu"))
+        expected = (logits if transform is None else transform(logits)).argmax(1)[0].numpy()
+        assert answer.mask.shape == array.shape[:2] and np.array_equal(answer.mask, expected)
+    assert (answers[0].prior, answers[1].prior) == ("target", None)
+    assert not np.array_equal(answers[0].mask, engine.segment([image], [SegmentOptions("none")])[0].mask)
+
+
+def test_a_corrected_model_refuses_ia_and_online(bundle_dir, tmp_path):
+    import shutil
+
+    corrected = tmp_path / "corrected"
+    shutil.copytree(bundle_dir, corrected)
+    index = json.loads((corrected / "bundle.json").read_text())
+    (corrected / "bundle.json").write_text(json.dumps({**index, "prior_corrected": True}))
+    engine = SegmentationEngine(load_bundle(corrected))
+    assert engine.default_adjust == "none"
+    with pytest.raises(ParameterError, match="would correct twice"):
+        engine.check_options(SegmentOptions("ia"))
+    with pytest.raises(ParameterError, match=r"temperature must be in \[0.05, 20.0\]"):
+        SegmentOptions("none", temperature=float("nan"))
+
+
+# ------------------------------------------------------------------------------------------------ online
+def test_online_tracking_moves_to_the_true_prior_of_shifted_data():
+    """Served images whose posteriors are exact under the source prior (Gaussian classes): the window's EM
+    estimate lands near the target prior the images were drawn with, far from the source prior."""
+    classes = ("a", "b", "c")
+    source = ClassPrior(classes, np.array([0.6, 0.3, 0.1]), "pixel")
+    target = np.array([0.1, 0.3, 0.6])
+    means = np.array([-2.0, 0.0, 2.0])
+    rng = np.random.default_rng(0)
+    tracker = OnlinePriorTracker(classes, SourcePriors(source, source, source), Calibration.identity(3),
+                                 window_images=20, pixels_per_image=500, update_every=5, min_images=5)
+    assert tracker.prior is None
+    for _ in range(30):
+        labels = rng.choice(3, size=(16, 64), p=target)
+        x = means[labels] + rng.normal(size=labels.shape)
+        logits = -0.5 * (x[None] - means[:, None, None]) ** 2 + np.log(source.probs)[:, None, None]  # log p_s(y|x)+c
+        tracker.observe(torch.from_numpy(logits[None]).float())
+    state = tracker.state()
+    assert (state.images_seen, state.window_images, state.updates) == (30, 20, 6)
+    assert prior_l1(state.prior, target) < 0.08 < 0.9 < prior_l1(source, target)
