@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="mIoU of a checkpoint on a split, optionally with Inference Adjustment")
     _common(ev)
-    ev.add_argument("--split", default="target_val", choices=("source", "source_val", "target", "target_val"))
+    ev.add_argument("--split", default="target_val",
+                    choices=("source", "source_val", "target", "target_val", "target_select"))
     ev.add_argument("--adjust", default="none", choices=("none", "ia"))
     ev.add_argument("--space", default="raw", choices=("raw", "calibrated"),
                     help="IA on raw logits (the paper), or in the calibration's space (needs --calibration)")

@@ -49,13 +49,16 @@ def write_sweep_outputs(directory: Path, cfg: ExperimentConfig, records: Sequenc
                       + yaml.safe_dump({k: v for k, v in dump_config(chosen_cfg).items() if k != "sweep"},
                                        sort_keys=False))
     write_json_atomic(files[3], summary)
-    if plots and records and "adjust.tau_target" in records[0]["setting"]:
-        files += plot_ia_trials(directory, records, summary.get("label_free_objective"))
+    if plots and summary["space"] == "ia":
+        defaults = {"adjust.temperature": cfg.adjust.temperature, "adjust.tau_target": cfg.adjust.tau_target}
+        files += plot_ia_trials(directory, records, summary.get("label_free_objective"), defaults)
     return files
 
 
-def plot_ia_trials(directory: Path, records: Sequence[dict], objective: str | None) -> list[Path]:
-    """Selection mIoU over τ_target (one line per T, best over the other axes); labelled vs label-free score."""
+def plot_ia_trials(directory: Path, records: Sequence[dict], objective: str | None,
+                   defaults: dict[str, float]) -> list[Path]:
+    """Selection mIoU over τ_target (one line per T, best over the other axes; ``defaults`` for an axis the sweep
+    did not search); labelled vs label-free score."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,7 +66,8 @@ def plot_ia_trials(directory: Path, records: Sequence[dict], objective: str | No
 
     best: dict[tuple[float, float], float] = {}
     for record in records:
-        key = (float(record["setting"].get("adjust.temperature", 1.0)), float(record["setting"]["adjust.tau_target"]))
+        setting = {**defaults, **record["setting"]}
+        key = (float(setting["adjust.temperature"]), float(setting["adjust.tau_target"]))
         best[key] = max(best.get(key, float("-inf")), record["metrics"][SELECT_METRIC])
     figure, axes = plt.subplots(figsize=(5, 3.5))
     for temperature in sorted({t for t, _ in best}):

@@ -189,10 +189,15 @@ class Segmenter:
         return HTMLResponse(PAGE)
 
 
-def build_app(args: dict, user_config: dict | None = None) -> serve.Application:
+def build_app(args: dict) -> serve.Application:
     """The application of ``serve/config.yaml`` (``import_path: serve.app:build_app``); ``args`` are
-    :class:`ServeSettings`, ``user_config`` (for Python callers; the YAML sets it per deployment) the priors
-    and IA settings. The bundle path is resolved here (the replicas' working directory differs)."""
+    :class:`ServeSettings` (the YAML sets ``user_config`` per deployment)."""
+    return make_app(args)
+
+
+def make_app(args: dict, user_config: dict | None = None) -> serve.Application:
+    """The application for ``args`` (:class:`ServeSettings`) and an optional ``user_config`` (the priors and IA
+    settings, for Python callers). The bundle path is resolved here (the replicas' working directory differs)."""
     settings = ServeSettings.model_validate(args)
     bundle_dir = Path(settings.bundle).resolve()
     load_bundle(bundle_dir)  # a missing or broken bundle fails the deploy with its reason

@@ -24,7 +24,7 @@ def teacher(shared_cfg, tiny_trained):
     """(config with 2 data actors and 4-image chunks, the trained tiny model, the target-train dataset)."""
     from labelshift.build import build_split
 
-    cfg = shared_cfg("ray.data_actors=2", "eval.batch_size=4", "pseudo.confidence_threshold=0.5")
+    cfg = shared_cfg("ray.data_actors=2", "eval.batch_size=4", "pseudo.confidence_threshold=0.07")
     return cfg, tiny_trained.model, build_split(cfg, "target", train=False, with_labels=False)
 
 

@@ -45,7 +45,7 @@ def server(local_ray, tiny_trained, tmp_path_factory):
     from labelshift.bundle import export_bundle
     from labelshift.calibrate import Calibration
     from labelshift.config import load_config
-    from serve.app import build_app
+    from serve.app import make_app
 
     root = tmp_path_factory.mktemp("serve")
     cfg = load_config(DEMO_CONFIG, tiny_trained.overrides)
@@ -56,14 +56,14 @@ def server(local_ray, tiny_trained, tmp_path_factory):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = {"num_cpus": 0.25, "max_bytes": MAX_BYTES, "max_pixels": MAX_PIXELS}
-    serve.run(build_app({"bundle": str(root / "adapted"), "token": TOKEN, **common,
+    serve.run(make_app({"bundle": str(root / "adapted"), "token": TOKEN, **common,
                          "online": {"enabled": True, "window_images": 8, "min_images": 2, "update_every": 2}}),
               name="main", route_prefix="/")
-    serve.run(build_app({"bundle": str(root / "corrected"), **common}), name="corrected", route_prefix="/corrected")
-    serve.run(build_app({"bundle": str(root / "adapted"), **common, "max_batch_size": 1, "max_ongoing_requests": 1,
+    serve.run(make_app({"bundle": str(root / "corrected"), **common}), name="corrected", route_prefix="/corrected")
+    serve.run(make_app({"bundle": str(root / "adapted"), **common, "max_batch_size": 1, "max_ongoing_requests": 1,
                          "max_queued_requests": 1}), name="tight", route_prefix="/tight")
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-        yield {"client": client, "root": root, "url": f"http://127.0.0.1:{port}", "build_app": build_app,
+        yield {"client": client, "root": root, "url": f"http://127.0.0.1:{port}", "make_app": make_app,
                "common": common}
     serve.shutdown()
 
@@ -227,7 +227,7 @@ def test_priors_hot_swap_changes_the_output_without_a_restart_and_needs_the_toke
     # a user_config change reaches reconfigure(): the named prior of the bundle (a Python serve.run redeploy gets
     # a new code version, so Serve may restart the replica; `serve deploy` of a config changing only
     # user_config updates replicas in place)
-    serve.run(server["build_app"]({"bundle": str(server["root"] / "adapted"), "token": TOKEN, **server["common"],
+    serve.run(server["make_app"]({"bundle": str(server["root"] / "adapted"), "token": TOKEN, **server["common"],
                                    "online": {"enabled": True, "window_images": 8, "min_images": 2,
                                               "update_every": 2}},
                                   user_config={"target_prior": "estimate_count", "adjust": {"tau_target": 0.5}}),

@@ -110,14 +110,15 @@ def _image_bytes(bundle_dir: Path) -> tuple[np.ndarray, bytes]:
     return image, cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))[1].tobytes()
 
 
-def direct_predict_ms(bundle_dir: Path, image: np.ndarray, repeats: int = 50) -> float:
-    """Median ms of the engine's in-process segmentation of one decoded image (IA on)."""
+def direct_predict_ms(bundle_dir: Path, image: np.ndarray, threads: int, repeats: int = 50) -> float:
+    """Median ms of the engine's in-process segmentation of one decoded image (IA on), ``threads`` torch threads
+    (as the replicas use)."""
     from labelshift.bundle import load_bundle
     from labelshift.runtime import apply_runtime
     from labelshift.serving import SegmentationEngine, SegmentOptions
 
     bundle = load_bundle(bundle_dir)
-    apply_runtime(bundle.config.runtime.torch_threads, bundle.config.runtime.deterministic)
+    apply_runtime(threads, bundle.config.runtime.deterministic)
     engine = SegmentationEngine(bundle)
     options = [SegmentOptions("ia")]
     engine.segment([image], options)
@@ -133,9 +134,9 @@ def _deploy(bundle_dir: Path, name: str, **settings) -> None:
     from ray import serve
 
     sys.path.insert(0, str(PROJECT))
-    from serve.app import build_app
+    from serve.app import make_app
 
-    serve.run(build_app({"bundle": str(bundle_dir), "num_cpus": 0.5, **settings}), name=name, route_prefix=f"/{name}")
+    serve.run(make_app({"bundle": str(bundle_dir), "num_cpus": 1, **settings}), name=name, route_prefix=f"/{name}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--load", action="store_true", help="the bounded load test instead of the benchmark")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=None, help="per measurement (default 10; --load: 20)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, in-process and per replica")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     seconds = args.seconds or (20.0 if args.load else 10.0)
@@ -157,15 +159,15 @@ def main(argv: list[str] | None = None) -> dict:
     from ray import serve
 
     result: dict = {"bundle": str(bundle_dir), "image": f"{image.shape[1]}x{image.shape[0]} PNG, {len(body)} bytes",
-                    "clients": args.clients, "seconds": seconds}
+                    "clients": args.clients, "seconds": seconds, "threads": args.threads}
     if not args.load:
-        result["direct_predict_ms"] = direct_predict_ms(bundle_dir, image)
+        result["direct_predict_ms"] = direct_predict_ms(bundle_dir, image, args.threads)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         base = f"http://127.0.0.1:{port}"
-        _deploy(bundle_dir, "batched", max_batch_size=8, max_ongoing_requests=16, max_queued_requests=32,
+        _deploy(bundle_dir, "batched", torch_threads=args.threads, max_batch_size=8, max_ongoing_requests=16, max_queued_requests=32,
                 batch_wait_timeout_s=0.005)
         for _ in range(5):  # warm-up
             httpx.post(f"{base}/batched/v1/segment", content=body, headers={"content-type": "image/png"}, timeout=60)
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
             single = run_load(f"{base}/batched/v1/segment", body, clients=1, seconds=seconds / 2)
             batched = run_load(f"{base}/batched/v1/segment", body, clients=args.clients, seconds=seconds)
             serve.delete("batched")
-            _deploy(bundle_dir, "unbatched", max_batch_size=1, max_ongoing_requests=16, max_queued_requests=32)
+            _deploy(bundle_dir, "unbatched", torch_threads=args.threads, max_batch_size=1, max_ongoing_requests=16, max_queued_requests=32)
             unbatched = run_load(f"{base}/unbatched/v1/segment", body, clients=args.clients, seconds=seconds)
             result.update({"p50_ms": single["p50_ms"], "p99_ms": single["p99_ms"], "rps": single["rps"],
                            "overhead_ms": single["p50_ms"] - result["direct_predict_ms"],

@@ -2,13 +2,14 @@
 
 Both take the same JSON payload (see ``labelshift.train.stages``) and return the final model file and rank 0's
 summary. Given a metric sink (``Tracker.metric_sink()``), both send it the training loss as ``train_loss`` at its
-step while training runs, so a killed attempt keeps its curve. Given a progress factory
-(``labelshift.progress.step_progress``), both show rank 0's steps and loss in this process while it trains: the
-local runner feeds it every report; under Ray Train the controller writes each report to a
-:class:`~labelshift.progress.ProgressFile` that this process polls while it waits. Only steps an attempt runs are sent: a resumed
+step while training runs, so a killed attempt keeps its curve. Only steps an attempt runs are sent: a resumed
 attempt starts after its checkpoint. Steps re-run after a Ray Train worker restart (within one ``fit``) are sent
-again, so the run holds two points for them, the later one from the workers that carried on. Ray is imported only
-inside :class:`RayTrainRunner`.
+again, so the run holds two points for them, the later one from the workers that carried on.
+
+Given a progress factory (``labelshift.progress.step_progress``), both show rank 0's steps and loss in this
+process while it trains, with or without a metric sink: the local runner feeds the display every report; under
+Ray Train the controller writes each report to a :class:`~labelshift.progress.ProgressFile` that this process
+polls while it waits for ``fit``. Ray is imported only inside :class:`RayTrainRunner`.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ from labelshift.train.stages import run_stage, train_worker
 T = TypeVar("T")
 
 
-def run_interruptibly(fn: Callable[[], T], poll_seconds: float = 0.5, on_poll: Callable[[], None] | None = None) -> T:
+def run_interruptibly(fn: Callable[[], T], poll_seconds: float = 0.5,
+                      on_poll: Callable[[], None] | None = None) -> T:
     """Run ``fn`` in a daemon thread while the main thread keeps executing Python (``on_poll()`` every
     ``poll_seconds`` and once at the end, e.g. to draw progress).
 

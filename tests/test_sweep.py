@@ -1,0 +1,145 @@
+"""Sweeps without Ray: the logit cache's exact upsampled argmax, the search-space schema, label-free objectives
+and regret, the estimate stage's EM with and without calibration, the world's selection split."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from labelshift.config import ConfigError, load_config
+from labelshift.logit_cache import LogitCache, bilinear_source
+from labelshift.metrics import ConfusionMatrix
+from labelshift.selection import miou_of, regret_table
+
+from conftest import DEMO_CONFIG, tiny_overrides
+
+
+def _smooth_logits(num_classes: int, size: tuple[int, int], cells: int) -> torch.Tensor:
+    coarse = torch.randn(1, num_classes, cells, 2 * cells)
+    return 4 * F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)[0]
+
+
+def _full_confusion(logits: torch.Tensor, labels: torch.Tensor, align_corners: bool) -> np.ndarray:
+    upsampled = F.interpolate(logits[None], size=tuple(labels.shape), mode="bilinear", align_corners=align_corners)
+    matrix = ConfusionMatrix(logits.shape[0])
+    matrix.update(labels, upsampled.argmax(1)[0])
+    return matrix.matrix
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("low, high", [((8, 16), (64, 128)), ((7, 13), (50, 97)), ((16, 32), (128, 256))])
+@pytest.mark.parametrize("full_upsampling", [False, True])
+def test_cache_confusion_equals_upsample_then_argmax(monkeypatch, align_corners, low, high, full_upsampling):
+    """Both paths (blocks whose corners agree + interpolated mixed pixels; whole-map upsampling) give the exact
+    confusion of F.interpolate + argmax, for integer and non-integer scales, with ignored pixels and a transform."""
+    import labelshift.logit_cache as logit_cache
+
+    monkeypatch.setattr(logit_cache, "MIXED_BLOCKS_FOR_FULL_UPSAMPLING", -1.0 if full_upsampling else 2.0)
+    logits = _smooth_logits(19, low, cells=max(2, low[0] // 3)).half().float()
+    labels = torch.randint(0, 19, high)
+    labels[: high[0] // 5] = 255
+    cache = LogitCache([logits.half().numpy()], [labels.to(torch.uint8).numpy()], ["a"], 19, align_corners)
+    bias = torch.linspace(-1, 1, 19)[:, None, None]
+    got = cache.confusion(lambda z: z / 0.7 + bias)
+    expected = _full_confusion(logits / 0.7 + bias, labels, align_corners)
+    assert got.matrix.sum() == (labels != 255).sum()
+    assert np.abs(got.matrix - expected).sum() <= 2  # at most a rounding tie (float summation order)
+
+
+def test_bilinear_source_matches_torch():
+    for align_corners in (False, True):
+        i0, i1, weight = bilinear_source(5, 17, align_corners)
+        row = torch.arange(5, dtype=torch.float32) ** 2
+        expected = F.interpolate(row[None, None, None], size=(1, 17), mode="bilinear",
+                                 align_corners=align_corners)[0, 0, 0]
+        mine = (1 - torch.from_numpy(weight)) * row[i0] + torch.from_numpy(weight) * row[i1]
+        torch.testing.assert_close(mine, expected)
+
+
+# ------------------------------------------------------------------------------------------------ the schema
+def _demo(tmp_path, *extra):
+    return load_config(DEMO_CONFIG, tiny_overrides(tmp_path) + list(extra))
+
+
+def test_sweep_space_rejects_what_a_trial_cannot_change(tmp_path):
+    with pytest.raises(ConfigError, match=r"ia: \['train.refine.tau'\] cannot be swept over cached logits"):
+        _demo(tmp_path, "sweep.ia.parameters={train.refine.tau: {values: [1]}}")
+    with pytest.raises(ConfigError, match=r"cr: \['adjust.temperature'\] are not Classifier Refinement settings"):
+        _demo(tmp_path, "sweep.cr.parameters={adjust.temperature: {values: [1]}}")
+    with pytest.raises(ConfigError, match=r"grid search needs values.*\['adjust.tau_target'\] are ranges"):
+        _demo(tmp_path, "sweep.ia.parameters={adjust.tau_target: {low: 0.5, high: 2}}")
+    with pytest.raises(ConfigError, match=r"sweep.ia.parameters.prior.method: 'magic' is not a valid prior.method"):
+        _demo(tmp_path, "sweep.ia.parameters={prior.method: {values: [em, magic]}}")
+    with pytest.raises(ConfigError, match=r"a log range needs low > 0"):
+        _demo(tmp_path, "sweep.cr.search=random", "sweep.cr.parameters={train.refine.lr: {low: 0, high: 1, log: true}}")
+
+
+def test_sweep_configs_load_and_the_best_setting_round_trips(tmp_path):
+    from labelshift.sweep_space import overrides_of
+
+    cfg = load_config(DEMO_CONFIG.parent / "sweep_cr.yaml")
+    assert cfg.sweep.ia.grid_size() == 3 * 2 * 3 * 7 and cfg.sweep.cr.grid_size() == 4
+    assert cfg.data.target.list_file == "splits/adapt.txt" and cfg.data.target_select.list_file == "splits/select.txt"
+    setting = {"adjust.temperature": 0.75, "prior.method": "em_raw", "train.refine.tau": 0.5}
+    again = _demo(tmp_path, *overrides_of(setting))
+    assert (again.adjust.temperature, again.prior.method, again.train.refine.tau) == (0.75, "em_raw", 0.5)
+
+
+# ------------------------------------------------------------------------------------------ label-free choices
+def test_miou_of_and_regret_table():
+    assert miou_of(np.array([[3, 1], [0, 2]])) == pytest.approx(100 * (3 / 4 + 2 / 3) / 2)
+    trials = [{"select": 50.0, "a": 1.0, "b": 0.0, "val": 60.0},
+              {"select": 55.0, "a": 0.0, "b": 2.0, "val": 62.5},
+              {"select": 40.0, "a": 3.0, "b": 1.0, "val": 58.0}]
+    table = regret_table(trials, "select", ["a", "b"], "val")
+    assert table["a"] == {"trial": 2, "differs": True, "regret": 4.5}
+    assert table["b"] == {"trial": 1, "differs": False, "regret": 0.0}
+
+
+def test_expected_miou_ranks_the_true_prior_first():
+    """With posteriors that are exact for the target, the label-free expected mIoU of IA towards the true prior
+    beats IA towards the source prior (what the labelled mIoU says too)."""
+    from labelshift.selection import LabelFreeScores, ReferencePosterior
+
+    generator = torch.Generator().manual_seed(0)
+    num_classes, cells = 3, 4000
+    source = np.array([0.6, 0.3, 0.1])
+    target = np.array([0.1, 0.3, 0.6])
+    labels = torch.multinomial(torch.tensor(target), cells, replacement=True, generator=generator)
+    means = torch.eye(num_classes) * 1.5
+    features = means[labels] + torch.randn(cells, num_classes, generator=generator)
+    logits = -0.5 * ((features[:, None, :] - means[None]) ** 2).sum(-1) + torch.log(torch.tensor(source))  # (N, K)
+    calibrated = logits.softmax(1).T.reshape(num_classes, 1, cells)
+    reference = ReferencePosterior([calibrated.half().numpy()], [np.ones(cells)], source, target)
+    scores = {}
+    for name, prior in (("source", source), ("target", target)):
+        adjusted = (logits - np.log(source).astype(np.float32) + np.log(prior).astype(np.float32)).T
+        accumulator = LabelFreeScores(reference, prior)
+        accumulator.add(0, adjusted.reshape(num_classes, 1, cells))
+        labelled = ConfusionMatrix(num_classes)
+        labelled.update(labels, adjusted.argmax(0))
+        scores[name] = {**accumulator.result(), "labelled": 100 * labelled.miou()}
+    assert scores["target"]["labelled"] > scores["source"]["labelled"] + 5
+    assert scores["target"]["expected_miou"] > scores["source"]["expected_miou"] + 5
+    assert scores["target"]["em_loglik"] > scores["source"]["em_loglik"]
+
+
+# ------------------------------------------------------------------------------------------- estimate and world
+def test_estimate_stage_writes_em_with_and_without_calibration(tiny_trained):
+    priors = tiny_trained.priors()
+    calibrated, raw = priors["estimate_em"], priors["estimate_em_raw"]
+    assert calibrated.provenance["estimator"] == "em" and raw.provenance["estimator"] == "em_raw"
+    assert raw.provenance["source_prior"] == pytest.approx(priors["source_pixel"].probs.tolist())
+    assert calibrated.provenance["source_prior"] == pytest.approx(priors["source_calibrated"].probs.tolist())
+    assert np.abs(calibrated.probs - raw.probs).sum() > 1e-3  # different posteriors, different estimates
+
+
+def test_world_writes_a_held_out_selection_split(tiny_world):
+    splits = tiny_world / "cityscapes" / "splits"
+    select = splits.joinpath("select.txt").read_text().split()
+    adapt = splits.joinpath("adapt.txt").read_text().split()
+    train = sorted(p.name.removesuffix("_leftImg8bit.png")
+                   for p in (tiny_world / "cityscapes" / "leftImg8bit" / "train").glob("*/*.png"))
+    assert len(select) == round(0.2 * len(train)) and not set(select) & set(adapt)
+    assert sorted(select + adapt) == train
