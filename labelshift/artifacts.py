@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from labelshift.atomic import write_json_atomic
-from labelshift.priors import ClassPrior
+from labelshift.calibrate import Calibration
+from labelshift.priors import ClassPrior, SourcePriors
 
 PRIOR_INDEX = "priors.json"
 PRIOR_INDEX_VERSION = 1
@@ -125,3 +126,14 @@ def read_priors(directory: str | Path, names: Iterable[str] | None = None) -> di
     wanted = None if names is None else set(names)
     return {entry.name: ClassPrior.from_json(Path(directory) / entry.file)
             for entry in read_prior_index(directory) if wanted is None or entry.name in wanted}
+
+
+def source_priors_from(priors: Mapping[str, ClassPrior]) -> SourcePriors:
+    """The source priors among the priors an estimate stage wrote (``read_priors``)."""
+    return SourcePriors(priors[source_prior_name("pixel")], priors[source_prior_name("image")],
+                        priors.get(SOURCE_CALIBRATED))
+
+
+def read_calibration(directory: str | Path) -> Calibration:
+    """The calibration an estimate stage wrote (``calibration.json``)."""
+    return Calibration.from_dict(json.loads((Path(directory) / CALIBRATION_FILE).read_text()))

@@ -29,7 +29,7 @@ import yaml
 from torch import nn
 
 from labelshift.artifacts import (CALIBRATION_FILE, SOURCE_CALIBRATED, TARGET, estimate_name, read_priors,
-                                  source_prior_name, write_priors)
+                                  source_prior_name, source_priors_from, write_priors)
 from labelshift.atomic import write_json_atomic
 from labelshift.calibrate import Calibration
 from labelshift.config import (AdjustConfig, ConfigError, ExperimentConfig, apply_overrides, config_from_dict,
@@ -119,8 +119,7 @@ class ModelBundle:
     @property
     def source(self) -> SourcePriors:
         """The source priors IA pairs a target prior with."""
-        return SourcePriors(self.priors[source_prior_name("pixel")], self.priors[source_prior_name("image")],
-                            self.priors.get(SOURCE_CALIBRATED))
+        return source_priors_from(self.priors)
 
     @property
     def target_prior(self) -> ClassPrior:

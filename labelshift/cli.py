@@ -6,7 +6,6 @@ Expected failures (bad configuration, dataset layout, checkpoint, prior, argumen
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 from pathlib import Path

@@ -9,13 +9,12 @@ The network never runs in a trial. Ray Tune glue: :mod:`labelshift.runners.tune`
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from labelshift.adjust import ia_transform
-from labelshift.artifacts import CALIBRATION_FILE, SOURCE_CALIBRATED, estimate_name, read_priors, source_prior_name
+from labelshift.artifacts import estimate_name, read_calibration, read_priors, source_prior_name, source_priors_from
 from labelshift.calibrate import Calibration
 from labelshift.config import ExperimentConfig, config_from_dict
 from labelshift.logit_cache import LogitCache, LogitTransform
@@ -38,12 +37,10 @@ class EstimateOutputs:
     @classmethod
     def read(cls, directory: str | Path) -> "EstimateOutputs":
         directory = Path(directory)
-        calibration = Calibration.from_dict(json.loads((directory / CALIBRATION_FILE).read_text()))
-        return cls(read_priors(directory), calibration)
+        return cls(read_priors(directory), read_calibration(directory))
 
     def source(self) -> SourcePriors:
-        return SourcePriors(self.priors[source_prior_name("pixel")], self.priors[source_prior_name("image")],
-                            self.priors.get(SOURCE_CALIBRATED))
+        return source_priors_from(self.priors)
 
     def target(self, cfg: ExperimentConfig) -> ClassPrior:
         """The target prior a config asks for: ``prior.target_prior`` (a preset or file) when set, else the

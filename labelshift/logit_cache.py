@@ -10,8 +10,9 @@ applied at the stride, and the argmax of the upsampled logits is computed exactl
 - an output pixel interpolates 4 low-resolution cells (its *block*); when the 4 share one argmax class, every
   convex combination of them has that argmax too, so the whole block's pixels take it: their confusion is the
   block's label histogram (precomputed once) added to that class's column;
-- only pixels of blocks whose corners disagree are interpolated (PyTorch's bilinear formula and indices) and
-  argmaxed one by one.
+- only pixels of blocks whose corners disagree are interpolated (PyTorch's bilinear formula and indices), over
+  the classes that can still win in their block; when more than ``MIXED_BLOCKS_FOR_FULL_UPSAMPLING`` of the
+  blocks disagree, the whole map is upsampled instead (then faster).
 
 Differences from a full evaluation come only from the float16 rounding of the cached logits.
 """

@@ -148,7 +148,8 @@ class TeacherSettings:
         return files + ([f"{self.soft_dir}/{name}.parquet"] if self.soft_dir else [])
 
 
-def _decide(logits: torch.Tensor, settings: TeacherSettings, image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _decide(logits: torch.Tensor, settings: TeacherSettings,
+            image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """logits (1, K, h, w) adjusted -> (label uint8 (H, W) with 255 below the threshold, confidence uint8 (H, W))
     at ``image_size``; decided at the logits' size, resized to ``image_size`` with nearest neighbours."""
     top, labels = logits[0].max(0)
@@ -257,7 +258,8 @@ def missing_chunks(out_dir: str | Path, dataset, chunks: list[list[int]], settin
     and every byte written, is the one of an uninterrupted run)."""
     out_dir = Path(out_dir)
     return [number for number, indices in enumerate(chunks)
-            if any(not (out_dir / rel).is_file() for index in indices for rel in settings.files_of(dataset.names[index]))]
+            if any(not (out_dir / rel).is_file()
+                   for index in indices for rel in settings.files_of(dataset.names[index]))]
 
 
 def summarise(counts: list[dict]) -> dict:

@@ -25,16 +25,6 @@ TRIALS_FILE, BEST_OVERRIDES_FILE, BEST_CONFIG_FILE, SUMMARY_FILE = (
 MIOU_PLOT, OBJECTIVE_PLOT = "miou_over_tau_target_and_T.png", "labelled_vs_label_free.png"
 
 
-def read_overrides_file(path: str | Path) -> list[str]:
-    """``best_overrides.yaml`` as ``["path=value", ...]`` (what ``load_config`` takes as overrides)."""
-    from labelshift.sweep_space import overrides_of
-
-    mapping = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(mapping, dict):
-        raise ValueError(f"{path}: expected a mapping of config paths to values")
-    return overrides_of(mapping)
-
-
 def write_sweep_outputs(directory: Path, cfg: ExperimentConfig, records: Sequence[dict], summary: dict,
                         plots: bool = True) -> list[Path]:
     """Write the files above; returns their paths."""

@@ -105,7 +105,8 @@ def test_estimate_prior_gives_the_estimate_stages_prior(overrides, tiny_trained,
     assert ClassPrior.from_json(tmp_path / "p.json").to_dict() == stage["estimate_em"].to_dict()
     assert ClassPrior.from_json(tmp_path / "p_source.json").to_dict() == stage["source_pixel"].to_dict()
     assert json.loads((tmp_path / "p_calibration.json").read_text()) == tiny_trained.calibration()
-    assert f"--source-prior {tmp_path / 'p_source.json'} --target-prior {tmp_path / 'p.json'}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"--source-prior {tmp_path / 'p_source.json'} --target-prior {tmp_path / 'p.json'}" in printed
 
 
 def test_estimate_prior_records_where_it_came_from(tiny_trained):

@@ -236,7 +236,7 @@ def test_estimate_prior_accepts_iterables_and_numpy_or_torch():
 
 
 def test_estimator_errors():
-    assert set(ESTIMATORS) == {"reference", "count", "soft_count", "presence", "em", "bbse"}
+    assert set(ESTIMATORS) == {"reference", "count", "soft_count", "presence", "em", "bbse", "em_raw"}
     with pytest.raises(ValueError, match="unknown prior estimator 'mle'"):
         make_estimator("mle", NAMES)
     counter = make_estimator("count", NAMES)

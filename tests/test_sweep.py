@@ -143,3 +143,24 @@ def test_world_writes_a_held_out_selection_split(tiny_world):
                    for p in (tiny_world / "cityscapes" / "leftImg8bit" / "train").glob("*/*.png"))
     assert len(select) == round(0.2 * len(train)) and not set(select) & set(adapt)
     assert sorted(select + adapt) == train
+
+
+def test_search_spaces_map_onto_tune():
+    pytest.importorskip("ray")
+    pytest.importorskip("optuna")
+    from ray.tune.search.optuna import OptunaSearch
+    from ray.tune.search.sample import Categorical, Float
+
+    from labelshift.runners.tune import _search_algorithm, param_space
+    from labelshift.sweep_space import SpaceConfig
+
+    space = SpaceConfig(search="optuna", num_samples=3, parameters={
+        "train.refine.tau": {"low": 0.25, "high": 2.0}, "train.refine.lr": {"low": 1e-4, "high": 1e-2, "log": True},
+        "prior.method": {"values": ["em", "em_raw"]}})
+    params = param_space(space)
+    assert isinstance(params["train.refine.tau"], Float) and (params["train.refine.tau"].lower,
+                                                               params["train.refine.tau"].upper) == (0.25, 2.0)
+    assert isinstance(params["prior.method"], Categorical) and params["prior.method"].categories == ["em", "em_raw"]
+    assert isinstance(_search_algorithm(space, seed=0), OptunaSearch)
+    grid = param_space(SpaceConfig(parameters={"adjust.tau_target": {"values": [0.5, 1.0]}}))
+    assert grid["adjust.tau_target"] == {"grid_search": [0.5, 1.0]}

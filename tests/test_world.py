@@ -29,13 +29,14 @@ def _as_tensors(image: np.ndarray, label: np.ndarray | None, rng: np.random.Gene
 
 
 @pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory) -> tuple[Path, dict]:
+def knob_world(tmp_path_factory) -> tuple[Path, dict]:
+    """A world of this module's own knobs (``TINY``, seed 3); not the session's shared ``tiny_world``."""
     root = tmp_path_factory.mktemp("world") / "tiny"
     return root, generate_world(root, **TINY)
 
 
-def test_same_arguments_give_identical_bytes(tiny_world, tmp_path):
-    root, _ = tiny_world
+def test_same_arguments_give_identical_bytes(knob_world, tmp_path):
+    root, _ = knob_world
     again = generate_world(tmp_path / "again", **TINY)
     assert _digest(tmp_path / "again") == _digest(root)
     assert again == json.loads((root / "world.json").read_text())
@@ -44,8 +45,8 @@ def test_same_arguments_give_identical_bytes(tiny_world, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary trees left behind
 
 
-def test_files_are_where_the_real_loaders_expect_them(tiny_world):
-    root, manifest = tiny_world
+def test_files_are_where_the_real_loaders_expect_them(knob_world):
+    root, manifest = knob_world
     train_list = (root / "gta5/splits/train.txt").read_text().split()
     val_list = (root / "gta5/splits/val.txt").read_text().split()
     assert len(val_list) == 1 and len(train_list) == 5 and not set(train_list) & set(val_list)
@@ -62,8 +63,8 @@ def test_files_are_where_the_real_loaders_expect_them(tiny_world):
     assert stem.endswith("_000019_leftImg8bit.png") and len(stem.split("_")[1]) == 6
 
 
-def test_gta5_labels_are_palette_pngs_of_label_ids(tiny_world):
-    root, _ = tiny_world
+def test_gta5_labels_are_palette_pngs_of_label_ids(knob_world):
+    root, _ = knob_world
     allowed = set(cityscapes19().label_ids) | {0}
     seen: set[int] = set()
     for path in sorted((root / "gta5/labels").glob("*.png")):
@@ -87,8 +88,8 @@ def _recount(label_files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     return pixels, images
 
 
-def test_world_json_counts_equal_a_recount_of_the_label_files(tiny_world):
-    root, manifest = tiny_world
+def test_world_json_counts_equal_a_recount_of_the_label_files(knob_world):
+    root, manifest = knob_world
     files = {f"source_{s}": [root / "gta5/labels" / f"{stem}.png"
                              for stem in (root / f"gta5/splits/{s}.txt").read_text().split()] for s in ("train", "val")}
     for split in ("train", "val"):

@@ -187,15 +187,17 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{result['pipeline']['soft_label_bytes_per_image']:.0f} B/image vs fp32 softmax "
               f"{result['fp32_softmax_bytes_per_image']} B; kept mass "
               f"{result['pipeline']['counts']['soft_label_mean_kept_mass']:.4f}")
-    small = results[0]
-    summary = {"pipeline_img_s": small["pipeline"]["steady_img_s"], "reference_img_s": small["reference"]["steady_img_s"],
-               "ratio": small["ratio"], "soft_label_bytes_per_image": small["pipeline"]["soft_label_bytes_per_image"],
+    small, pipeline = results[0], results[0]["pipeline"]
+    summary = {"pipeline_img_s": pipeline["steady_img_s"], "reference_img_s": small["reference"]["steady_img_s"],
+               "ratio": small["ratio"], "soft_label_bytes_per_image": pipeline["soft_label_bytes_per_image"],
                "fp32_softmax_bytes_per_image": small["fp32_softmax_bytes_per_image"], "images": small["images"],
-               "input_size": "1024x512", "device": "cpu", "kept_mass": small["pipeline"]["counts"]["soft_label_mean_kept_mass"],
+               "input_size": "1024x512", "device": "cpu",
+               "kept_mass": pipeline["counts"]["soft_label_mean_kept_mass"],
                "load_average_before": [round(v, 2) for v in load], "cpu_count": os.cpu_count(),
-               "deeplabv2_resnet101": ({k: results[1][k] for k in ("ratio", "images")} | {
+               "deeplabv2_resnet101": None if len(results) < 2 else {
+                   "ratio": results[1]["ratio"], "images": results[1]["images"],
                    "pipeline_img_s": results[1]["pipeline"]["steady_img_s"],
-                   "reference_img_s": results[1]["reference"]["steady_img_s"]}) if len(results) > 1 else None}
+                   "reference_img_s": results[1]["reference"]["steady_img_s"]}}
     print(json.dumps(summary))
     return 0
 

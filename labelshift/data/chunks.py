@@ -30,7 +30,8 @@ def _decode_item(dataset: SegmentationFileDataset, index: int) -> dict:
     image = read_image(image_path)
     train_ids = dataset.read_train_ids(label_path) if label_path is not None else None
     try:
-        image_tensor, label_tensor = dataset.transform(image, train_ids, np.random.default_rng([dataset.seed, dataset.epoch, index]))
+        rng = np.random.default_rng([dataset.seed, dataset.epoch, index])
+        image_tensor, label_tensor = dataset.transform(image, train_ids, rng)
     except DatasetError as err:
         raise DatasetError(f"{image_path}: {err}") from None
     item = {"image": image_tensor, "name": dataset.names[index], "image_size": image.shape[:2]}

@@ -7,7 +7,6 @@ so they are read with OpenCV. Every failure raises :class:`DatasetError` naming 
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 

@@ -155,7 +155,8 @@ def prepare_estimators(cfg: ExperimentConfig, methods: tuple[str, ...],
     return EstimatorSetup(source, calibration, inputs, estimators)
 
 
-def shard_estimators(cfg: ExperimentConfig, methods: tuple[str, ...], inputs: EstimatorInputs) -> dict[str, PriorEstimator]:
+def shard_estimators(cfg: ExperimentConfig, methods: tuple[str, ...],
+                     inputs: EstimatorInputs) -> dict[str, PriorEstimator]:
     """Fresh estimators of ``methods`` with the config's bootstrap and seed (one shard of a pass)."""
     return make_estimators(methods, class_set_of(cfg).names, inputs, bootstrap=cfg.prior.bootstrap,
                            seed=cfg.prior.seed)

@@ -8,7 +8,6 @@ evaluated: no checkpoint or setting is selected on them.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Callable, TextIO
 
 import torch
 
-from labelshift.artifacts import CALIBRATION_FILE, flat_numbers, read_priors
+from labelshift.artifacts import flat_numbers, read_calibration, read_priors
 from labelshift.atomic import write_json_atomic, write_text_atomic
 from labelshift.build import build_model, class_set_of, ensure_world, eval_loader
 from labelshift.calibrate import Calibration
@@ -207,7 +206,7 @@ class Pipeline:
         return read_priors(self.stages_root / "estimate")
 
     def calibration(self) -> Calibration:
-        return Calibration.from_dict(json.loads((self.stages_root / "estimate" / CALIBRATION_FILE).read_text()))
+        return read_calibration(self.stages_root / "estimate")
 
     def write_summary(self) -> dict:
         rows = summary_rows(self.results)

@@ -13,7 +13,7 @@ import torch
 from labelshift.adjust import ia_transform
 from labelshift.artifacts import (CALIBRATION_FILE, NO_ADJUST, ORACLE_IA, SOURCE_CALIBRATED, TARGET,
                                   estimate_name, evaluation_key, ia_name, oracle_name, source_prior_name,
-                                  write_priors)
+                                  source_priors_from, write_priors)
 from labelshift.atomic import write_json_atomic
 from labelshift.build import build_split, eval_subsets
 from labelshift.bundle import export_bundle
@@ -23,7 +23,7 @@ from labelshift.config import ExperimentConfig
 from labelshift.estimate import METHODS, prior_errors
 from labelshift.models import checkpoint_sha256
 from labelshift.pipeline.manifest import StageDir
-from labelshift.priors import ClassPrior, SourcePriors, load_prior
+from labelshift.priors import ClassPrior, load_prior
 from labelshift.pseudo import LABEL_MANIFEST, LABELS, SOFT, pseudo_settings, write_label_manifest
 from labelshift.tracking import Tracker
 
@@ -76,12 +76,6 @@ def _initialisation(job: JobContext, train_stage: str, init_checkpoint: str | No
     if train_stage == "distill" and job.cfg.train.distill.init == "fresh":
         return job.cfg.train.distill.student_pretrained
     return init_checkpoint
-
-
-def source_priors_of(priors: dict[str, ClassPrior]) -> SourcePriors:
-    """The source priors the estimate stage wrote."""
-    return SourcePriors(priors[source_prior_name("pixel")], priors[source_prior_name("image")],
-                        priors.get(SOURCE_CALIBRATED))
 
 
 def pretrain(job: JobContext, stage: StageDir) -> StageResult:
@@ -142,7 +136,7 @@ def _evaluate(job: JobContext, model_stage: str | None, stage: StageDir,
 def evaluate_adapted(job: JobContext, stage: StageDir) -> StageResult:
     """Target val without adjustment, with IA towards every estimate, the target and the oracles; source val."""
     priors, calibration = job.priors(), job.calibration()
-    source = source_priors_of(priors)
+    source = source_priors_from(priors)
     transforms: dict[str, Callable | None] = {NO_ADJUST: None}
     for name, prior in priors.items():
         if name == TARGET or name.startswith((estimate_name(""), oracle_name(""))):
@@ -157,7 +151,7 @@ def refine(job: JobContext, stage: StageDir) -> StageResult:
     """Classifier Refinement: head-only training with the logit-adjusted CE (source prior -> target prior)."""
     priors = job.priors()
     target = priors[TARGET]
-    source = source_priors_of(priors).of_kind(target.kind)
+    source = source_priors_from(priors).of_kind(target.kind)
     return [MODEL_FILE, CHECKPOINT_INFO], _train(job, stage, "refine", init_checkpoint=str(job.adapted_model_path()),
                                                  source_prior=source.to_dict(), target_prior=target.to_dict())
 
@@ -180,7 +174,7 @@ def pseudo(job: JobContext, stage: StageDir) -> StageResult:
     priors_used = None
     if job.cfg.pseudo.teacher == "adapted_ia":
         priors = job.priors()
-        source, target = source_priors_of(priors), priors[TARGET]
+        source, target = source_priors_from(priors), priors[TARGET]
         teacher, transform = job.adapted_model_path(), ia_transform(job.cfg.adjust, source, target, job.calibration())
         priors_used = {"source": source.of_kind(target.kind).to_dict(), "target": target.to_dict()}
     else:

@@ -124,7 +124,8 @@ class ModelActor:
 
 def _decoder(dataset) -> Callable[[dict], dict]:
     def decode(row: dict) -> dict:
-        return {"chunk": int(row["chunk"]), "payload": pickle.dumps(decode_chunk(dataset, [int(i) for i in row["indices"]]))}
+        chunk = decode_chunk(dataset, [int(index) for index in row["indices"]])
+        return {"chunk": int(row["chunk"]), "payload": pickle.dumps(chunk)}
     return decode
 
 
@@ -268,16 +269,13 @@ class RayDataPasses:
 def estimate_stage_ia(cfg: ExperimentConfig, estimate_dir: str | Path) -> tuple[LogitTransform, dict]:
     """IA towards the ``target`` prior an estimate stage wrote (``priors.json``, ``calibration.json``), with the
     config's ``adjust:`` settings; returns the transform and the priors it uses (as dicts, for a manifest)."""
-    import json
 
     from labelshift.adjust import ia_transform
-    from labelshift.artifacts import CALIBRATION_FILE, SOURCE_CALIBRATED, TARGET, read_priors, source_prior_name
-    from labelshift.priors import SourcePriors
+    from labelshift.artifacts import TARGET, read_calibration, read_priors, source_priors_from
 
     priors = read_priors(estimate_dir)
-    source = SourcePriors(priors[source_prior_name("pixel")], priors[source_prior_name("image")],
-                          priors.get(SOURCE_CALIBRATED))
-    calibration = Calibration.from_dict(json.loads((Path(estimate_dir) / CALIBRATION_FILE).read_text()))
+    source = source_priors_from(priors)
+    calibration = read_calibration(estimate_dir)
     target = priors[TARGET]
     transform = ia_transform(cfg.adjust, source, target, calibration)
     return transform, {"source": source.of_kind(target.kind).to_dict(), "target": target.to_dict()}
