@@ -209,10 +209,11 @@ def test_student_crops_come_from_the_full_resolution_frame_without_padding(refer
 
 def test_without_the_full_resolution_base_a_fifth_of_each_crop_is_padding(reference):
     cfg = reference["gta5"].model_copy(deep=True)
-    cfg.data.target_transform.base_size = None  # the previous recipe: resize to 1024x512 first
+    target = cfg.data.target_transform  # the previous recipe (resize to `size` first), at 1/8 of the sizes
+    target.base_size, target.size, target.crop_size = None, (128, 64), (128, 64)
     transform = _recipe_transform(cfg)
-    frame = np.zeros((1024, 2048, 3), dtype=np.uint8)
-    label = np.zeros((1024, 2048), dtype=np.uint8)
+    frame = np.zeros((128, 256, 3), dtype=np.uint8)
+    label = np.zeros((128, 256), dtype=np.uint8)
     padded = np.mean([(transform(frame, label, np.random.default_rng(s))[1] == 255).float().mean().item()
                       for s in range(400)])
     assert padded == pytest.approx(0.21, abs=0.03)  # E[1 - s^2 | s < 1] / 2 for s ~ U(0.5, 1.5): 0.208

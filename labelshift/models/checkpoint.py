@@ -185,8 +185,9 @@ def _from_fada(obj: Mapping[str, Any], source: str) -> tuple[dict[str, torch.Ten
         sub = obj[part]
         if not isinstance(sub, Mapping) or not all(isinstance(v, torch.Tensor) for v in sub.values()):
             raise CheckpointError(f"{source}: reference checkpoint entry {part!r} is not a state dict of tensors")
-        for key, value in _strip_ddp(sub).items():
-            state[key if key.startswith(prefix) else prefix + key] = value
+        for key, value in _strip_ddp(sub).items():  # classifier keys are never prefixed (the modified ASPP
+            already = part == "feature_extractor" and key.startswith(prefix)  # has a submodule named "head")
+            state[key if already else prefix + key] = value
     metadata: dict[str, Any] = {"format": "fada", "extra_keys": sorted(str(k) for k in obj if k not in FADA_KEYS)}
     if isinstance(obj.get("iteration"), int):
         metadata["iteration"] = obj["iteration"]
