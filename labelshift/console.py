@@ -30,8 +30,13 @@ class Console:
 
     @property
     def is_terminal(self) -> bool:
-        """Whether ``err`` is a terminal (progress bars redraw in place there; in a log file they would not)."""
-        return self.err.isatty()
+        """Whether ``err`` is a terminal that can draw progress bars: one that redraws in place (not a file or a
+        pipe) and reports a width (a pseudo-terminal without a size, e.g. ``script`` run without a terminal,
+        draws tqdm bars as empty lines)."""
+        try:
+            return self.err.isatty() and os.get_terminal_size(self.err.fileno()).columns > 0
+        except (AttributeError, OSError, ValueError):
+            return False
 
     def line(self, text: str) -> None:
         """One line on the console's stdout, and in the log."""

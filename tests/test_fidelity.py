@@ -105,9 +105,9 @@ def test_the_lr_follows_the_reference_poly_over_max_iter_and_stops_above_zero(re
         set_poly_lr(optimizer, step, cr)
         expected = 2.5e-3 * (1 - step / 62500) ** 0.9  # the reference's lr_poly(base, iter, MAX_ITER, power)
         assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)
-    assert optimizer.param_groups[0]["lr"] / 2.5e-3 == pytest.approx(0.3984, abs=1e-4)  # ~0.40x base at the stop
+    assert optimizer.param_groups[0]["lr"] / 2.5e-3 == pytest.approx(0.3987, abs=1e-4)  # ~0.40x base at the stop
     sd = reference["gta5"].train.distill
-    assert schedule_horizon(sd) == 31250 and (1 - 19_999 / 31250) ** 0.9 == pytest.approx(0.3984, abs=1e-3)
+    assert schedule_horizon(sd) == 31250 and (1 - 19_999 / 31250) ** 0.9 == pytest.approx(0.3987, abs=1e-3)
     assert schedule_horizon(load_config(DEMO_CONFIG).train.refine) == 150  # ours: decays to 0 at the stop
 
 
@@ -168,7 +168,7 @@ def test_class_balanced_frequencies_over_many_draws_match_fadas_rule():
 
     uniform = class_frequency(range(len(images)))
     assert np.abs(class_frequency(ours) - class_frequency(reference)).max() < 0.02
-    assert class_frequency(ours)[5] > 10 * uniform[5]  # the rare class: ~0.02 of images, drawn in > 20 % of draws
+    assert uniform[5] < 0.03 and class_frequency(ours)[5] > 0.2  # a class in < 3 % of images: in > 20 % of draws
 
 
 def test_class_balanced_batches_split_over_ranks_and_resume_mid_epoch():
@@ -215,8 +215,8 @@ def test_without_the_full_resolution_base_a_fifth_of_each_crop_is_padding(refere
     frame = np.zeros((128, 256, 3), dtype=np.uint8)
     label = np.zeros((128, 256), dtype=np.uint8)
     padded = np.mean([(transform(frame, label, np.random.default_rng(s))[1] == 255).float().mean().item()
-                      for s in range(400)])
-    assert padded == pytest.approx(0.21, abs=0.03)  # E[1 - s^2 | s < 1] / 2 for s ~ U(0.5, 1.5): 0.208
+                      for s in range(2000)])
+    assert padded == pytest.approx(0.208, abs=0.015)  # E[1 - s^2 | s < 1] / 2 for s ~ U(0.5, 1.5): 0.208
 
 
 def test_hue_jitter_rotates_hues_and_keeps_grey():

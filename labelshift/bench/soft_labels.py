@@ -84,8 +84,9 @@ class _PilImages(torch.utils.data.Dataset):
         return torch.from_numpy(((pixels - self.mean) / self.std).transpose(2, 0, 1).copy()), full, index
 
 
-def reference_loop(model, paths: list[Path], cfg, out: Path, warmup: int = 5) -> tuple[float, float]:
-    """(steady img/s after ``warmup`` images, end-to-end img/s) of the reference-style loop."""
+def reference_loop(model, paths: list[Path], cfg, out: Path) -> tuple[float, float]:
+    """(steady img/s after the first 5 images (a quarter of fewer than 20), end-to-end img/s) of the
+    reference-style loop."""
     from PIL import Image
 
     from labelshift.classes import get_class_set
@@ -96,6 +97,7 @@ def reference_loop(model, paths: list[Path], cfg, out: Path, warmup: int = 5) ->
     loader = torch.utils.data.DataLoader(_PilImages(paths, tuple(cfg.data.target_transform.size), cfg.data.mean,
                                                     cfg.data.std), batch_size=1, num_workers=1)
     out.mkdir(parents=True, exist_ok=True)
+    warmup = min(5, len(paths) // 4)
     began = time.perf_counter()
     steady_from = None
     with torch.no_grad():
@@ -158,6 +160,16 @@ def compare(model_name: str, world: Path, out: Path, images: int, checkpoint: st
             "fp32_softmax_bytes_per_image": 19 * grid[0] * grid[1] * 4}
 
 
+def _report(result: dict) -> None:
+    print(f"{result['model']}: pipeline {result['pipeline']['steady_img_s']:.2f} img/s (end to end "
+          f"{result['pipeline']['end_to_end_img_s']:.2f}, start-up {result['pipeline']['startup_s']:.1f} s), "
+          f"reference {result['reference']['steady_img_s']:.2f} img/s (end to end "
+          f"{result['reference']['end_to_end_img_s']:.2f}); ratio {result['ratio']:.2f}; soft labels "
+          f"{result['pipeline']['soft_label_bytes_per_image']:.0f} B/image vs fp32 softmax "
+          f"{result['fp32_softmax_bytes_per_image']} B; kept mass "
+          f"{result['pipeline']['counts']['soft_label_mean_kept_mass']:.4f}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import ray
 
@@ -174,19 +186,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     load = os.getloadavg()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        results = [compare("small", world, out, args.images, args.checkpoint)]
-        if args.r101_images:
-            results.append(compare("deeplabv2_resnet101", world, out, args.r101_images, None))
+        results = []
+        for model_name, images in (("small", args.images), ("deeplabv2_resnet101", args.r101_images)):
+            if images:
+                results.append(compare(model_name, world, out, images,
+                                       args.checkpoint if model_name == "small" else None))
+                _report(results[-1])
     finally:
         ray.shutdown()
-    for result in results:
-        print(f"{result['model']}: pipeline {result['pipeline']['steady_img_s']:.2f} img/s (end to end "
-              f"{result['pipeline']['end_to_end_img_s']:.2f}, start-up {result['pipeline']['startup_s']:.1f} s), "
-              f"reference {result['reference']['steady_img_s']:.2f} img/s (end to end "
-              f"{result['reference']['end_to_end_img_s']:.2f}); ratio {result['ratio']:.2f}; soft labels "
-              f"{result['pipeline']['soft_label_bytes_per_image']:.0f} B/image vs fp32 softmax "
-              f"{result['fp32_softmax_bytes_per_image']} B; kept mass "
-              f"{result['pipeline']['counts']['soft_label_mean_kept_mass']:.4f}")
     small, pipeline = results[0], results[0]["pipeline"]
     summary = {"pipeline_img_s": pipeline["steady_img_s"], "reference_img_s": small["reference"]["steady_img_s"],
                "ratio": small["ratio"], "soft_label_bytes_per_image": pipeline["soft_label_bytes_per_image"],
