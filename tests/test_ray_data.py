@@ -97,11 +97,10 @@ def test_a_corrupt_image_is_reported_by_name_and_the_rest_is_written(tiny_traine
 
 def test_estimate_and_evaluate_passes_equal_the_in_process_passes(shared_cfg, tiny_trained, local_ray):
     from labelshift.adjust import ia_transform
-    from labelshift.artifacts import TARGET
+    from labelshift.artifacts import TARGET, source_priors_from
     from labelshift.build import build_model
     from labelshift.estimate import METHODS
     from labelshift.estimate.from_config import estimate_target_priors
-    from labelshift.pipeline.steps import source_priors_of
     from labelshift.priors import prior_l1
     from labelshift.runners.data import InProcessPasses, RayDataPasses
 
@@ -122,7 +121,7 @@ def test_estimate_and_evaluate_passes_equal_the_in_process_passes(shared_cfg, ti
     np.testing.assert_array_equal(ray_found.oracle.pixel_counts, local.oracle.pixel_counts)
 
     priors = tiny_trained.priors()
-    transforms = {"none": None, "ia": ia_transform(cfg.adjust, source_priors_of(priors), priors[TARGET])}
+    transforms = {"none": None, "ia": ia_transform(cfg.adjust, source_priors_from(priors), priors[TARGET])}
     from labelshift.build import eval_loader
 
     in_process = InProcessPasses("cpu", lambda which, **kw: eval_loader(cfg, which, **kw))
