@@ -178,8 +178,9 @@ def killed_run(local_ray, tmp_path_factory):
 
 
 def test_a_killed_worker_resumes_from_the_checkpoint_registered_before_the_kill(killed_run):
+    """Exactly from the checkpoint Ray Train had registered when the worker was killed (normally the first, step
+    20: the worker is killed within ~50 ms of it, 20 steps before the next)."""
     result, seen = killed_run["result"], killed_run["seen"]
-    assert seen == KILL_EVERY  # the first checkpoint: the worker died before it reached the second
     assert (result["resumed_from"], result["steps_run"]) == (seen, KILL_ITERATIONS - seen)
     assert [step for step, _ in result["losses"]] == list(range(seen + KILL_EVERY, KILL_ITERATIONS + 1, KILL_EVERY))
 
@@ -194,7 +195,9 @@ def test_a_killed_run_keeps_its_last_two_checkpoints_and_writes_the_final_model(
     snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
     kept = snapshot["checkpoint_results"]
     assert [entry["metrics"]["step"] for entry in kept] == [KILL_ITERATIONS - KILL_EVERY, KILL_ITERATIONS]
-    on_disk = sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir())
-    assert on_disk == sorted(entry["checkpoint_dir_name"] for entry in kept)  # the older ones were deleted
+    # Registered checkpoints beyond the last two are deleted; a checkpoint the killed worker had already written
+    # but Ray Train had not registered yet stays on disk (seen once under heavy load), so: a subset.
+    on_disk = {p.name for p in run.glob("checkpoint_*") if p.is_dir()}
+    assert {entry["checkpoint_dir_name"] for entry in kept} <= on_disk
     final = run / kept[-1]["checkpoint_dir_name"] / "model.safetensors"
     assert killed_run["model"].read_bytes() == final.read_bytes()
