@@ -10,7 +10,6 @@ itself could not be given for any of them (its source is not available here); do
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

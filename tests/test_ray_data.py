@@ -2,7 +2,6 @@
 model: labelling (hard, confidence, soft), estimation, evaluation; resume, corrupt inputs, the job's stages."""
 from __future__ import annotations
 
-import filecmp
 import shutil
 from pathlib import Path
 
