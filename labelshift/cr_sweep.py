@@ -18,7 +18,7 @@ from labelshift.build import amp_dtype_of, build_model, class_set_of, eval_loade
 from labelshift.config import ExperimentConfig, config_from_dict
 from labelshift.ia_sweep import EstimateOutputs
 from labelshift.inference import evaluate
-from labelshift.sweep_space import SELECT_METRIC, with_setting
+from labelshift.config.sweep import SELECT_METRIC, with_setting
 from labelshift.train.context import CHECKPOINT_STATE, TrainContext
 
 SELECT_SPLIT = "target_select"

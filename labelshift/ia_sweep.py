@@ -20,7 +20,7 @@ from labelshift.config import ExperimentConfig, config_from_dict
 from labelshift.logit_cache import LogitCache, LogitTransform
 from labelshift.priors import ClassPrior, SourcePriors, load_prior
 from labelshift.selection import LabelFreeScores, ReferencePosterior, reference_posterior
-from labelshift.sweep_space import SELECT_METRIC, with_setting
+from labelshift.config.sweep import SELECT_METRIC, with_setting
 
 LABEL_FREE_PREFIX = "label_free_"  # trial metric keys of the label-free objectives: label_free_<objective>
 REFERENCE_SETTING: dict[str, Any] = {"adjust.space": "raw", "adjust.temperature": 1.0, "adjust.tau_source": 1.0,

@@ -18,7 +18,7 @@ import yaml
 
 from labelshift.atomic import write_json_atomic, write_text_atomic
 from labelshift.config import ExperimentConfig, config_from_dict, dump_config
-from labelshift.sweep_space import SELECT_METRIC, with_setting
+from labelshift.config.sweep import SELECT_METRIC, with_setting
 
 TRIALS_FILE, BEST_OVERRIDES_FILE, BEST_CONFIG_FILE, SUMMARY_FILE = (
     "trials.json", "best_overrides.yaml", "best_config.yaml", "summary.json")

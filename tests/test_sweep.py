@@ -76,7 +76,7 @@ def test_sweep_space_rejects_what_a_trial_cannot_change(tmp_path):
 
 
 def test_sweep_configs_load_and_the_best_setting_round_trips(tmp_path):
-    from labelshift.sweep_space import overrides_of
+    from labelshift.config.sweep import overrides_of
 
     cfg = load_config(DEMO_CONFIG.parent / "sweep_cr.yaml")
     assert cfg.sweep.ia.grid_size() == 3 * 2 * 3 * 7 and cfg.sweep.cr.grid_size() == 4
@@ -152,7 +152,7 @@ def test_search_spaces_map_onto_tune():
     from ray.tune.search.sample import Categorical, Float
 
     from labelshift.runners.tune import _search_algorithm, param_space
-    from labelshift.sweep_space import SpaceConfig
+    from labelshift.config.sweep import SpaceConfig
 
     space = SpaceConfig(search="optuna", num_samples=3, parameters={
         "train.refine.tau": {"low": 0.25, "high": 2.0}, "train.refine.lr": {"low": 1e-4, "high": 1e-2, "log": True},

@@ -31,7 +31,7 @@ import torch
 
 from labelshift.bench.priors import EM_BCTS
 from labelshift.estimate import PIXEL_METHODS
-from labelshift.sweep_space import LABEL_FREE_OBJECTIVES
+from labelshift.config.sweep import LABEL_FREE_OBJECTIVES
 
 TIMING_SPACE = {"adjust.temperature": [0.75, 1.0, 1.5, 2.0], "adjust.tau_source": [0.5, 1.0],
                 "adjust.tau_target": [0.5, 1.0, 1.5, 2.0], "prior.method": ["em", "count"]}  # 64 trials
@@ -80,7 +80,7 @@ def time_model(model_name: str, world: Path, images: int, log) -> dict[str, Any]
     from labelshift.inference import evaluate
     from labelshift.runners.sweeps import cache_of
     from labelshift.runners.tune import run_ia_trials
-    from labelshift.sweep_space import SpaceConfig
+    from labelshift.config.sweep import SpaceConfig
 
     cfg = _timing_config(model_name, world, images)
     ensure_world(cfg, log)

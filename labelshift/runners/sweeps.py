@@ -20,7 +20,7 @@ from labelshift.logit_cache import LogitCache, build_logit_cache
 from labelshift.runners.tune import TrackingLink, run_cr_trials, run_ia_trials, sweep_storage
 from labelshift.selection import best_index, regret_table
 from labelshift.sweep_report import write_sweep_outputs
-from labelshift.sweep_space import LABEL_FREE_OBJECTIVES, SELECT_METRIC
+from labelshift.config.sweep import LABEL_FREE_OBJECTIVES, SELECT_METRIC
 
 SELECT_SPLIT, EVAL_SPLIT = "target_select", "target_val"
 VAL_METRIC = "target_val_miou"

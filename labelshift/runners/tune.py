@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from labelshift.config import ExperimentConfig, RayConfig
-from labelshift.sweep_space import SELECT_METRIC, SpaceConfig
+from labelshift.config.sweep import SELECT_METRIC, SpaceConfig
 
 CR_TRIAL_CPUS = 0.25  # the trial itself only waits for its TorchTrainer, whose workers hold the real CPUs
 

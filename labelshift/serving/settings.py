@@ -10,7 +10,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from labelshift.config.base import StrictModel
 
 from labelshift.data.decode import ImageLimits
 
@@ -21,11 +23,7 @@ TAU_RANGE = (0.0, 4.0)  # strengths of the prior terms a request may ask for (in
 TOKEN_ENV = "LABELSHIFT_SERVE_TOKEN"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class OnlineSettings(_Strict):
+class OnlineSettings(StrictModel):
     """Opt-in online prior tracking (:class:`labelshift.serving.online.OnlinePriorTracker`)."""
 
     enabled: bool = False
@@ -36,7 +34,7 @@ class OnlineSettings(_Strict):
     seed: int = 0
 
 
-class ServeSettings(_Strict):
+class ServeSettings(StrictModel):
     """The server: which bundle (and sweep overrides file), input limits, batching and back-pressure.
 
     ``max_ongoing_requests`` (per replica) must be at least ``max_batch_size``, or batches never fill;
@@ -76,7 +74,7 @@ class ServeSettings(_Strict):
         return ImageLimits(self.max_bytes, self.max_pixels)
 
 
-class AdjustUpdate(_Strict):
+class AdjustUpdate(StrictModel):
     """IA settings a running server may change (``None`` keeps the current value)."""
 
     space: Literal["raw", "calibrated"] | None = None
@@ -85,7 +83,7 @@ class AdjustUpdate(_Strict):
     tau_target: float | None = Field(None, ge=TAU_RANGE[0], le=TAU_RANGE[1])
 
 
-class PriorUserConfig(_Strict):
+class PriorUserConfig(StrictModel):
     """Serve's ``user_config``: hot-swapped by ``reconfigure()`` without restarting replicas. ``target_prior``:
     the name of a prior in the bundle (e.g. ``estimate_em``) or a ClassPrior document; ``adjust``: IA settings."""
 

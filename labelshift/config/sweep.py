@@ -9,7 +9,7 @@ and the HTTP server read. Two spaces exist:
   BCTS). The per-image prior mode adds its ``adjust.*`` keys to :data:`IA_PATHS` when it exists.
 - ``cr``: Classifier Refinement on Ray Train (``train.refine.*``: ``tau``, ``lr``, ...; and ``prior.method``).
 
-The models here are plain pydantic (no import of :mod:`labelshift.config`, which embeds :class:`SweepConfig`).
+The models here import only :mod:`labelshift.config.base` (the experiment config embeds :class:`SweepConfig`).
 """
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ import copy
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
+
+from labelshift.config.base import StrictModel
 
 SPACES: tuple[str, ...] = ("ia", "cr")
 IA_PATHS: tuple[str, ...] = ("adjust.space", "adjust.temperature", "adjust.tau_source", "adjust.tau_target",
@@ -28,11 +30,7 @@ LABEL_FREE_OBJECTIVES: tuple[str, ...] = ("expected_miou", "pseudo_miou", "em_lo
 SELECT_METRIC = "select_miou"  # the labelled selection split's mIoU (percent): what sweeps maximise
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ParameterSpec(_Strict):
+class ParameterSpec(StrictModel):
     """One searched config path: ``values`` (a grid in grid search, a choice otherwise), or a range ``low`` ..
     ``high`` (``log``: log-uniform) for random and Optuna search."""
 
@@ -60,7 +58,7 @@ class ParameterSpec(_Strict):
         return list(self.values) if self.values is not None else [self.low, self.high]
 
 
-class SpaceConfig(_Strict):
+class SpaceConfig(StrictModel):
     """One search space: the parameters, the search algorithm and the trial budget.
 
     ``grid``: every combination of the parameters' ``values``, ``num_samples`` times. ``random`` and ``optuna``
@@ -95,7 +93,7 @@ class SpaceConfig(_Strict):
         return self.num_samples * math.prod(len(spec.values or ()) for spec in self.parameters.values())
 
 
-class SweepConfig(_Strict):
+class SweepConfig(StrictModel):
     """Sweeps of this experiment (``ray_jobs/sweep.py --space ia|cr``): one search space per kind, the label-free
     objective reported beside the labelled one, the searchers' seed, and where Tune keeps its trials (default
     ``<output_dir>/sweeps/ray``)."""
