@@ -59,7 +59,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("export", ("adjust",), ("estimate", "refine", "distill"), steps.export),
 )
 STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in STAGES}
-ALL_STAGES: tuple[str, ...] = tuple(STAGE_TABLE)  # equal to config.PIPELINE_STAGES (tests/test_pipeline_table.py)
+ALL_STAGES: tuple[str, ...] = tuple(STAGE_TABLE)  # equal to config.PIPELINE_STAGES (tests/test_architecture.py)
 
 
 class Pipeline:
