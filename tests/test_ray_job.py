@@ -25,6 +25,10 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("ray")
+# A `ray start --head` cluster started while this process holds a local `ray.init()` instance (the session's
+# local_ray) never gets a job agent ("No available agent to submit job"): run these tests with the tests that
+# start their own Ray, before the session instance exists (tests/conftest.py orders `own_ray` tests first).
+pytestmark = pytest.mark.own_ray
 
 from ray.job_submission import JobStatus, JobSubmissionClient  # noqa: E402
 
