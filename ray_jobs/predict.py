@@ -9,18 +9,17 @@ Files are ``<out>/<stem>.png`` (``_leftImg8bit`` dropped) at each image's own re
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working directory of `ray job submit`
 
 from labelshift.config import ConfigError  # noqa: E402
+from labelshift.runners.session import ray_session  # noqa: E402
 from labelshift.predict import add_arguments, prediction_inputs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    import ray
 
     from labelshift.runners.data import RayDataPasses, run_labelling
 
@@ -32,15 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"{Path(__file__).name}: error: {err}", file=sys.stderr)
         return 2
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local")
-    try:
+    with ray_session(cfg.ray.address):
         run_labelling(RayDataPasses(), cfg, args.checkpoint, dataset, Path(args.out).resolve(), settings, priors_used)
-    finally:
-        if started_here:
-            ray.shutdown()
     return 0
 
 

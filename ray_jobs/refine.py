@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working directory of `ray job submit`
 
 from labelshift.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
+from labelshift.runners.session import ray_session  # noqa: E402
 from labelshift.console import Console, job_console  # noqa: E402
 from labelshift.pipeline import Pipeline  # noqa: E402
 from labelshift.progress import step_progress  # noqa: E402
@@ -53,27 +54,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_job(cfg: ExperimentConfig, stages: tuple[str, ...] | None, console: Console, progress: str) -> None:
     """Start (or join) Ray, open the job's MLflow run and run the pipeline, its lines and bars on ``console``."""
-    import ray
     import torch
 
     apply_runtime(cfg.runtime.torch_threads, cfg.runtime.deterministic)  # before the environment is recorded
     tracker = build_tracker(cfg)
-    # Inside `ray job submit`, RAY_ADDRESS names the cluster. Otherwise start a fresh local instance ("local"),
-    # never attach to whatever cluster /tmp/ray last recorded.
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address)
-    try:
+    with ray_session(cfg.ray.address):
         device = torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
         runner = RayTrainRunner(cfg.ray, cfg.ray.storage_path or Path(cfg.output_dir) / "ray",
                                 progress=step_progress(progress, stream=console.err, log=console.line))
         with terminate_on_sigterm(), tracker.job(cfg):
             Pipeline(cfg, runner, tracker, device=device, log=console.line, progress=progress == "bars",
                      progress_stream=console.err, passes=RayDataPasses()).run(stages)
-    finally:
-        if started_here:
-            ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

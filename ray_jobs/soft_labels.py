@@ -11,13 +11,13 @@ target prior an estimate stage wrote (``--priors``, default ``<output_dir>/stage
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working directory of `ray job submit`
 
 from labelshift.config import ConfigError, load_config  # noqa: E402
+from labelshift.runners.session import ray_session  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,7 +33,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import ray
 
     from labelshift.build import build_split
     from labelshift.pseudo import pseudo_settings
@@ -52,16 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.adjust == "ia":
         transform, priors_used = estimate_stage_ia(cfg, args.priors or Path(cfg.output_dir) / "stages" / "estimate")
     out = Path(args.out or Path(cfg.output_dir) / "soft_labels" / args.split).resolve()
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local")
-    try:
+    with ray_session(cfg.ray.address):
         dataset = build_split(cfg, "target", train=False, with_labels=False)
         run_labelling(RayDataPasses(), cfg, checkpoint, dataset, out, pseudo_settings(cfg, transform), priors_used)
-    finally:
-        if started_here:
-            ray.shutdown()
     return 0
 
 

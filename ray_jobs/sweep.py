@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working directory of `ray job submit`
 
 from labelshift.config import ConfigError, load_config  # noqa: E402
+from labelshift.runners.session import ray_session  # noqa: E402
 from labelshift.pipeline import Pipeline  # noqa: E402
 from labelshift.runners import RayTrainRunner  # noqa: E402
 from labelshift.tracking import build_tracker, check_outside_working_dir_copy, terminate_on_sigterm  # noqa: E402
@@ -37,7 +37,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import ray
     import torch
 
     from labelshift.runners.sweeps import run_cr_sweep, run_ia_sweep
@@ -55,12 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as err:
         print(f"{Path(__file__).name}: error: {err}", file=sys.stderr)
         return 2
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address)
-    try:
+    with ray_session(cfg.ray.address):
         device = torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
         runner = RayTrainRunner(cfg.ray, cfg.ray.storage_path or Path(cfg.output_dir) / "ray")
         with terminate_on_sigterm(), tracker.job(cfg):
@@ -79,9 +73,6 @@ def main(argv: list[str] | None = None) -> int:
                 tracker.log_artifact(path, artifact_path=f"sweep_{args.space}")
         print(json.dumps(outcome.summary["chosen"]))
         print(f"best setting written to {outcome.files[1]} (overrides) and {outcome.files[2]} (config)")
-    finally:
-        if started_here:
-            ray.shutdown()
     return 0
 
 
