@@ -16,6 +16,7 @@ from typing import Iterable, Mapping
 
 from labelshift.atomic import write_json_atomic
 from labelshift.calibrate import Calibration
+from labelshift.config.loading import flatten
 from labelshift.priors import ClassPrior, SourcePriors
 
 PRIOR_INDEX = "priors.json"
@@ -68,16 +69,10 @@ def prior_error_key(method: str, measure: str) -> str:
     return f"{method}_{measure}"
 
 
-def flat_numbers(metrics: Mapping, prefix: str = "") -> dict[str, float]:
+def flat_numbers(metrics: Mapping) -> dict[str, float]:
     """Nested stage metrics as flat ``a.b.c`` keys of numbers (what MLflow receives); spaces become ``_``."""
-    flat: dict[str, float] = {}
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flat_numbers(value, name + "."))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[name.replace(" ", "_")] = value
-    return flat
+    return {name.replace(" ", "_"): value for name, value in flatten(dict(metrics)).items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 @dataclass(frozen=True)
