@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from labelshift.classes import IGNORE_INDEX
+from labelshift.estimate.base import as_tensor
 from labelshift.inference import autocast_for
 from labelshift.metrics import ConfusionMatrix
 from labelshift.models import align_corners_of, upsample_logits
@@ -197,7 +198,7 @@ class LogitCache:
             valid = labels != IGNORE_INDEX
             keys = predicted.reshape(-1)[valid] * self.num_classes + labels[valid]
         else:
-            counts = torch.from_numpy(np.asarray(self.block_counts[index]))
+            counts = as_tensor(self.block_counts[index])  # read-only arrays from the object store, only read
             matrix.index_add_(0, argmax.reshape(-1)[uniform], counts[uniform])
             mixed = ~uniform[torch.from_numpy(plan.block_of_pixel)] & (labels != IGNORE_INDEX)
             pixels = torch.nonzero(mixed).squeeze(1)
