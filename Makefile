@@ -7,7 +7,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test venv bench-priors clean serve bench-serve load-serve
+.PHONY: demo test venv bench-priors clean serve bench-serve load-serve mlflow-ui
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ SERVE_BUNDLE := outputs/demo/stages/export/bundles/adapted
 serve: $(STAMP)
 	@test -f $(SERVE_BUNDLE)/bundle.json || { echo "make serve: no model bundle at $(SERVE_BUNDLE): run 'make demo' first (its export stage writes it)" >&2; exit 2; }
 	$(VENV)/bin/serve run serve/config.yaml
+
+MLFLOW_STORE ?= sqlite:///$(CURDIR)/mlflow.db
+MLFLOW_PORT ?= 5000
+
+# the MLflow UI on http://127.0.0.1:$(MLFLOW_PORT) over the project's store (what make demo and the jobs log to);
+# artifacts are read where the runs keep them (<dir of the database>/mlartifacts)
+mlflow-ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_STORE) --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
 bench-serve: $(STAMP)
 	$(PY) -m labelshift.bench.serve

@@ -22,37 +22,41 @@ from labelshift.priors import ClassPrior, SourcePriors, check_compatible, floor_
 
 if TYPE_CHECKING:
     from labelshift.calibrate import Calibration
+    from labelshift.estimate.per_image import ImagePriors
 
 PriorLike = Union[ClassPrior, torch.Tensor, np.ndarray, Sequence[float]]
 
 
-def log_prior(prior: PriorLike, num_classes: int | None = None, *, role: str = "prior") -> torch.Tensor:
+def log_prior(prior: PriorLike, num_classes: int | None = None, *, role: str = "prior",
+              per_image: bool = False) -> torch.Tensor:
     """(K,) float64 CPU tensor of log π for a ClassPrior or a 1-D weight vector (normalised, floored).
 
-    ``num_classes``: the expected K; a prior of another length raises ``ValueError``.
+    ``num_classes``: the expected K; a prior of another length raises ``ValueError``. ``per_image``: also take
+    an (N, K) array of per-image priors (rows normalised and floored) and return (N, K).
     """
     if isinstance(prior, ClassPrior):
         probs = prior.probs
     else:
         weights = prior.detach().to("cpu", torch.float64).numpy() if torch.is_tensor(prior) else prior
         weights = np.asarray(weights, dtype=np.float64)
-        if weights.ndim != 1:
+        if weights.ndim != 1 and not (per_image and weights.ndim == 2):
             raise ValueError(f"{role} must be a 1-D vector over classes, got shape {weights.shape}")
         probs = floor_probabilities(weights)
-    if num_classes is not None and probs.shape[0] != num_classes:
-        raise ValueError(f"{role} has {probs.shape[0]} classes but the logits have {num_classes}")
+    if num_classes is not None and probs.shape[-1] != num_classes:
+        raise ValueError(f"{role} has {probs.shape[-1]} classes but the logits have {num_classes}")
     return torch.from_numpy(np.log(probs))
 
 
 def log_prior_ratio(source_prior: PriorLike, target_prior: PriorLike, *, tau_source: float = 1.0,
                     tau_target: float = 1.0, num_classes: int | None = None) -> torch.Tensor:
-    """(K,) float64 CPU tensor ``τ_t·log π_t − τ_s·log π_s``; ClassPrior pairs must be compatible."""
+    """(K,) float64 CPU tensor ``τ_t·log π_t − τ_s·log π_s``; ClassPrior pairs must be compatible. An (N, K)
+    ``target_prior`` (one prior per image, ``adjust.mode: local``) gives (N, K)."""
     if isinstance(source_prior, ClassPrior) and isinstance(target_prior, ClassPrior):
         check_compatible(source_prior, target_prior)
     log_source = log_prior(source_prior, num_classes, role="source prior")
-    log_target = log_prior(target_prior, num_classes, role="target prior")
-    if log_source.shape != log_target.shape:
-        raise ValueError(f"source prior has {log_source.shape[0]} classes, target prior {log_target.shape[0]}")
+    log_target = log_prior(target_prior, num_classes, role="target prior", per_image=True)
+    if log_source.shape[-1] != log_target.shape[-1]:
+        raise ValueError(f"source prior has {log_source.shape[-1]} classes, target prior {log_target.shape[-1]}")
     return tau_target * log_target - tau_source * log_source
 
 
@@ -69,7 +73,8 @@ def adjust_logits(logits: torch.Tensor, source_prior: PriorLike, target_prior: P
 
     logits: any floating tensor with K classes along ``dim`` — (N, K, H, W), (N, K) with ``dim=1``,
     (K,) or (..., K) with ``dim=-1``; any device and dtype (the result has the same).
-    source_prior, target_prior: ClassPrior (a compatible pair) or (K,) weights.
+    source_prior, target_prior: ClassPrior (a compatible pair) or (K,) weights; ``target_prior`` may also be
+    (N, K) per-image priors (``dim=1``: row n adjusts image n).
     Returns a tensor of the logits' shape, dtype and device.
     """
     if not torch.is_tensor(logits) or not logits.is_floating_point():
@@ -83,6 +88,11 @@ def adjust_logits(logits: torch.Tensor, source_prior: PriorLike, target_prior: P
                             num_classes=num_classes)
     view = [1] * logits.ndim
     view[axis] = num_classes
+    if shift.ndim == 2:  # per-image priors: row n shifts image n
+        if axis != 1 or shift.shape[0] != logits.shape[0]:
+            raise ValueError(f"per-image priors {tuple(shift.shape)} need logits (N, K, ...) with N = "
+                             f"{shift.shape[0]} and dim=1, got {tuple(logits.shape)} with dim={dim}")
+        view[0] = shift.shape[0]
     shift = shift.to(device=logits.device, dtype=logits.dtype).view(view)
     scaled = logits if temperature == 1.0 else logits / temperature
     return scaled + shift
@@ -131,7 +141,8 @@ def ia_transform(adjust: AdjustSettings, source_prior: SourcePriors | ClassPrior
     calibration's space, ``z/T_cal + b − log π_cal + log π_t`` written as ``z/T_cal − log(π_cal·e^(−b)) +
     log π_t``, where π_cal (``source_prior.calibrated``) is the prior the calibrated posteriors hold under.
     ``source_prior``: :class:`SourcePriors`, or one ClassPrior used whatever the target's kind (in the
-    calibrated space: the prior of the calibrated posteriors).
+    calibrated space: the prior of the calibrated posteriors). ``adjust.mode == "local"``: a :class:`LocalIA`
+    (a prior per image, shrunk toward ``target_prior``; ``adjust.local`` settings).
     """
     if adjust.space not in ("raw", "calibrated"):
         raise ValueError(f"adjust.space must be 'raw' or 'calibrated', got {adjust.space!r}")
@@ -146,5 +157,54 @@ def ia_transform(adjust: AdjustSettings, source_prior: SourcePriors | ClassPrior
         temperature = calibration.temperature
     else:
         source = source_prior.of_kind(target_prior.kind) if isinstance(source_prior, SourcePriors) else source_prior
-    return functools.partial(adjust_logits, source_prior=source, target_prior=target_prior, temperature=temperature,
-                             tau_source=adjust.tau_source, tau_target=adjust.tau_target)
+    global_ia = functools.partial(adjust_logits, source_prior=source, target_prior=target_prior,
+                                  temperature=temperature, tau_source=adjust.tau_source, tau_target=adjust.tau_target)
+    if getattr(adjust, "mode", "global") == "local":
+        return LocalIA(adjust, global_ia, source_prior, target_prior, calibration)
+    return global_ia
+
+
+class LocalIA:
+    """IA with a prior per image (``adjust.mode: local``): logits (N, K, ...) -> logits adjusted toward each
+    image's own prior, estimated from that image alone (:mod:`labelshift.estimate.per_image`, settings
+    ``adjust.local``) and shrunk toward the dataset prior (the target prior). The same source prior, space and
+    temperature as global IA (``global_ia``, the partial of :func:`adjust_logits` :func:`ia_transform` built);
+    stateless: an image's output depends on that image only.
+
+    ``transform(logits)`` adjusts; ``image_priors(logits)`` returns the priors (:class:`ImagePriors`: (N, K) probs
+    and the safety counts) and ``apply(logits, priors)`` adjusts with given ones, so that a caller records the
+    priors it used, or estimates them once at one resolution and applies them at another.
+    """
+
+    def __init__(self, adjust: AdjustSettings, global_ia: functools.partial, source_prior: SourcePriors | ClassPrior,
+                 target_prior: ClassPrior, calibration: Calibration | None) -> None:
+        from labelshift.estimate.per_image import LocalSettings
+
+        if target_prior.kind != "pixel":
+            raise ValueError(f"adjust.mode local needs a pixel target prior, got {target_prior.describe()}")
+        self.settings = LocalSettings.of(adjust.local)
+        self.global_ia, self.target_prior, self.calibration = global_ia, target_prior, calibration
+        if self.settings.posteriors == "calibrated":
+            if calibration is None:
+                raise ValueError("adjust.mode local on calibrated posteriors needs the calibration "
+                                 "(or adjust.local.posteriors: raw)")
+            calibrated = source_prior.calibrated if isinstance(source_prior, SourcePriors) else source_prior
+            self.posterior_prior = calibrated if calibrated is not None else source_prior.pixel
+        else:
+            self.posterior_prior = source_prior.pixel if isinstance(source_prior, SourcePriors) else source_prior
+
+    def image_priors(self, logits: torch.Tensor) -> ImagePriors:
+        """Raw logits (N, K, H, W), any resolution -> the per-image priors (N, K) with their diagnostics."""
+        from labelshift.estimate.per_image import estimate_image_priors
+
+        return estimate_image_priors(logits, self.settings, dataset_prior=self.target_prior,
+                                     posterior_prior=self.posterior_prior,
+                                     calibrate=self.calibration.apply if self.calibration is not None else None,
+                                     adjust_global=self.global_ia)
+
+    def apply(self, logits: torch.Tensor, priors: ImagePriors) -> torch.Tensor:
+        """logits (N, K, ...) adjusted toward ``priors.probs`` (N, K), row by row (:func:`adjust_logits`)."""
+        return adjust_logits(logits, **{**self.global_ia.keywords, "target_prior": priors.probs})
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.apply(logits, self.image_priors(logits))

@@ -22,10 +22,12 @@ from labelshift.priors import ClassPrior, SourcePriors
 PRIOR_INDEX = "priors.json"
 PRIOR_INDEX_VERSION = 1
 CALIBRATION_FILE = "calibration.json"
+CONFUSION_FILE = "confusion.json"  # an evaluation stage's confusion matrices: {evaluation key: (K, K) counts}
 NO_ADJUST = "none"
 ORACLE_IA = "ia_oracle"  # IA with the oracle of the configured target prior's kind (the ceiling)
 TARGET = "target"
 SOURCE_CALIBRATED = "source_calibrated"
+TRAIN_LOSS = "train_loss"  # a training stage's loss curve on its MLflow run (labelshift.runners.train)
 
 
 def source_prior_name(kind: str) -> str:
@@ -67,6 +69,12 @@ def prior_error_key(method: str, measure: str) -> str:
     """The key of a prior error: ``<method>_<measure>`` (measure ``l1`` | ``kl``; method ``no_adjust_pixel``
     / ``no_adjust_image`` for the source prior itself)."""
     return f"{method}_{measure}"
+
+
+def results_key(row: str, column: str) -> str:
+    """The key of one cell of the job's results table on its parent run: ``results/<row>.<column>`` (row e.g.
+    ``ia_estimate``, column e.g. ``target_val_miou``)."""
+    return f"results/{row}.{column}"
 
 
 def flat_numbers(metrics: Mapping) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""The ``labelshift`` command: world, train, evaluate, source-stats, estimate-prior, make-splits.
+"""The ``labelshift`` command: world, train, evaluate, source-stats, estimate-prior, make-splits, compare.
 
 Expected failures (bad configuration, dataset layout, checkpoint, prior, arguments) print one line
 ``labelshift <command>: error: ...`` to stderr and exit with status 2, without a traceback.
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from labelshift.compare import CompareError
 from labelshift.config import ConfigError
 from labelshift.data.io import DatasetError
 from labelshift.estimate.registry import METHODS
@@ -275,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     splits.add_argument("--val-size", type=int, default=500, help="images held out for calibration and BBSE")
     splits.add_argument("--seed", type=int, default=0)
     splits.set_defaults(func=cmd_make_splits)
+
+    from labelshift import compare
+
+    comparison = sub.add_parser("compare", help="the main job's MLflow runs side by side: deltas to a baseline, "
+                                                "seeds folded into mean ± sd, a per-class IoU chart")
+    compare.add_arguments(comparison)
+    comparison.set_defaults(func=compare.run)
     return parser
 
 
@@ -287,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, ConfigError, DatasetError, CheckpointError, PriorError) as err:
+    except (UsageError, ConfigError, DatasetError, CheckpointError, PriorError, CompareError) as err:
         print(f"labelshift {args.command}: error: {err}", file=sys.stderr)
         return 2
 

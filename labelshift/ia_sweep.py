@@ -20,11 +20,13 @@ from labelshift.config import ExperimentConfig, config_from_dict
 from labelshift.logit_cache import LogitCache, LogitTransform
 from labelshift.priors import ClassPrior, SourcePriors, load_prior
 from labelshift.selection import LabelFreeScores, ReferencePosterior, reference_posterior
-from labelshift.config.sweep import SELECT_METRIC, with_setting
+from labelshift.config.sweep import LABEL_FREE_OBJECTIVES, SELECT_METRIC, with_setting
 
 LABEL_FREE_PREFIX = "label_free_"  # trial metric keys of the label-free objectives: label_free_<objective>
-REFERENCE_SETTING: dict[str, Any] = {"adjust.space": "raw", "adjust.temperature": 1.0, "adjust.tau_source": 1.0,
-                                     "adjust.tau_target": 1.0, "prior.method": "reference"}  # the paper's IA
+SKIPPED_METRIC = "skipped"  # 1.0 for a setting the library cannot apply (every score NaN: never chosen), else 0.0
+REFERENCE_SETTING: dict[str, Any] = {"adjust.space": "raw", "adjust.mode": "global", "adjust.temperature": 1.0,
+                                     "adjust.tau_source": 1.0, "adjust.tau_target": 1.0,
+                                     "prior.method": "reference"}  # the paper's IA
 
 
 @dataclass
@@ -82,17 +84,34 @@ def setting_config(inputs: IASweepInputs, setting: dict[str, Any]) -> Experiment
 
 
 def transform_of(inputs: IASweepInputs, setting: dict[str, Any]) -> tuple[LogitTransform, ClassPrior]:
-    """The IA transform of a setting (the library's factory) and its target prior."""
+    """The IA transform of a setting (the library's factory: a per-image :class:`~labelshift.adjust.LocalIA`
+    when ``adjust.mode`` is ``local``) and its target prior."""
     cfg = setting_config(inputs, setting)
     target = inputs.estimates.target(cfg)
     source = inputs.estimates.source()
     return ia_transform(cfg.adjust, source, target, inputs.estimates.calibration), target
 
 
+def skip_reason(inputs: IASweepInputs, setting: dict[str, Any]) -> str | None:
+    """Why a grid combination cannot be applied, or None: per-image priors (``adjust.mode: local``) shrink toward
+    a PIXEL prior, so a grid crossing ``adjust.mode`` with image-prior estimators (``reference``, ``presence``)
+    holds combinations that are skipped, not errors."""
+    cfg = setting_config(inputs, setting)
+    target = inputs.estimates.target(cfg)
+    if cfg.adjust.mode == "local" and target.kind != "pixel":
+        return f"adjust.mode local needs a pixel target prior; {cfg.prior.method} gives a {target.kind} prior"
+    return None
+
+
 def score_setting(inputs: IASweepInputs, setting: dict[str, Any], cache: LogitCache | None = None,
                   label_free: bool = True) -> dict[str, float]:
     """``select_miou`` (percent; or the mIoU on ``cache`` when given, e.g. target val), pixel accuracy and, with
-    ``label_free`` and a reference posterior, ``label_free_<objective>`` for every objective."""
+    ``label_free`` and a reference posterior, ``label_free_<objective>`` for every objective; ``skipped`` 1.0
+    with every score NaN for a combination :func:`skip_reason` refuses."""
+    if skip_reason(inputs, setting) is not None:
+        objectives = LABEL_FREE_OBJECTIVES if label_free and inputs.reference else ()
+        names = (SELECT_METRIC, "pixel_accuracy", *(LABEL_FREE_PREFIX + name for name in objectives))
+        return {**dict.fromkeys(names, float("nan")), SKIPPED_METRIC: 1.0}
     transform, target = transform_of(inputs, setting)
     cache = cache or inputs.cache
     scores = LabelFreeScores(inputs.reference, target.probs) if label_free and inputs.reference else None
@@ -103,7 +122,8 @@ def score_setting(inputs: IASweepInputs, setting: dict[str, Any], cache: LogitCa
         if scores is not None:
             scores.add(index, adjusted)
     confusion = cache.as_confusion(matrix)
-    metrics = {SELECT_METRIC: 100.0 * confusion.miou(), "pixel_accuracy": 100.0 * confusion.pixel_accuracy()}
+    metrics = {SELECT_METRIC: 100.0 * confusion.miou(), "pixel_accuracy": 100.0 * confusion.pixel_accuracy(),
+               SKIPPED_METRIC: 0.0}
     if scores is not None:
         metrics.update({LABEL_FREE_PREFIX + name: value for name, value in scores.result().items()})
     return metrics

@@ -14,11 +14,14 @@ applied at the stride, and the argmax of the upsampled logits is computed exactl
   the classes that can still win in their block; when more than ``MIXED_BLOCKS_FOR_FULL_UPSAMPLING`` of the
   blocks disagree, the whole map is upsampled instead (then faster).
 
-Differences from a full evaluation come only from the float16 rounding of the cached logits.
+Differences from a full evaluation come only from the float16 rounding of the cached logits. Logits beyond
+float16's range (e.g. a randomly initialised DeepLabV2-R101 reaches ~1e5; float16 ends at 65504) are stored
+divided by a power of two, kept per image (an exact rescaling): the cache never holds an inf.
 """
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -35,6 +38,8 @@ from labelshift.models import align_corners_of, upsample_logits
 LogitTransform = Callable[[torch.Tensor], torch.Tensor]
 # Above this share of blocks whose 4 corners disagree, upsampling the whole map and taking its argmax is faster
 MIXED_BLOCKS_FOR_FULL_UPSAMPLING = 0.2
+# An image whose largest |logit| exceeds this is stored divided by 2**e so that it does not (float16 max: 65504)
+FLOAT16_LOGIT_LIMIT = 2.0 ** 15
 
 
 # ------------------------------------------------------------------------------------------ interpolation plan
@@ -139,9 +144,9 @@ def block_label_counts(labels: np.ndarray, plan: UpsamplePlan, num_classes: int)
 # ----------------------------------------------------------------------------------------------------- cache
 @dataclass
 class LogitCache:
-    """Per image: logits (K, h, w) float16 at the output stride, labels (H, W) uint8 trainIds (255 ignored), its
-    name, and the label histogram of every interpolation block (h·w, K). Arrays may be read-only (Ray's object
-    store returns them so): nothing here writes to them."""
+    """Per image: logits (K, h, w) float16 at the output stride (the true logits are ``logits · 2**exponent``),
+    labels (H, W) uint8 trainIds (255 ignored), its name, and the label histogram of every interpolation block
+    (h·w, K). Arrays may be read-only (Ray's object store returns them so): nothing here writes to them."""
 
     logits: list[np.ndarray]
     labels: list[np.ndarray]
@@ -149,8 +154,11 @@ class LogitCache:
     num_classes: int
     align_corners: bool
     block_counts: list[np.ndarray] = field(default_factory=list)
+    scale_exponents: list[int] = field(default_factory=list)  # per image; empty: all 0 (no rescaling)
 
     def __post_init__(self) -> None:
+        if not self.scale_exponents:
+            self.scale_exponents = [0] * len(self.logits)
         if not self.block_counts:
             self.block_counts = [block_label_counts(label, self.plan(index), self.num_classes)
                                  for index, label in enumerate(self.labels)]
@@ -164,7 +172,9 @@ class LogitCache:
 
     def low_res(self, index: int) -> torch.Tensor:
         """(K, h, w) float32 logits of image ``index``."""
-        return torch.from_numpy(np.array(self.logits[index], dtype=np.float32))
+        logits = np.array(self.logits[index], dtype=np.float32)
+        exponent = self.scale_exponents[index]
+        return torch.from_numpy(np.ldexp(logits, np.int32(exponent)) if exponent else logits)
 
     def nbytes(self) -> int:
         return sum(a.nbytes for group in (self.logits, self.labels, self.block_counts) for a in group)
@@ -208,6 +218,17 @@ class LogitCache:
         matrix += torch.bincount(keys, minlength=self.num_classes ** 2).reshape(self.num_classes, -1)
 
 
+def to_float16(logits: torch.Tensor) -> tuple[np.ndarray, int]:
+    """(K, h, w) float32 logits -> (float16 array, e) with logits ≈ array · 2**e: e = 0 unless the largest
+    |logit| exceeds ``FLOAT16_LOGIT_LIMIT`` (scaling by a power of two keeps float16's relative precision).
+    Non-finite logits raise ``ValueError``."""
+    if not torch.isfinite(logits).all():
+        raise ValueError("the model returned non-finite logits (NaN or inf): nothing can be cached or adjusted")
+    peak = float(logits.abs().max()) if logits.numel() else 0.0
+    exponent = max(0, math.ceil(math.log2(peak / FLOAT16_LOGIT_LIMIT))) if peak > FLOAT16_LOGIT_LIMIT else 0
+    return torch.ldexp(logits, torch.tensor(-exponent)).to(torch.float16).numpy(), exponent
+
+
 @torch.no_grad()
 def forward_at_stride(model: nn.Module, images: torch.Tensor, *, device: torch.device, flip: bool = False,
                       amp_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -235,14 +256,16 @@ def build_logit_cache(model: nn.Module, loader: Iterable[dict], num_classes: int
         raise ValueError(f"the logit cache stores one output-stride map per image: eval.scales must be (1.0,), got "
                          f"{tuple(scales)} (multi-scale logits have no common stride)")
     model.eval()
-    logits_out, labels_out, names = [], [], []
+    logits_out, labels_out, names, exponents = [], [], [], []
     for batch in loader:
         if batch.get("label") is None:
             raise ValueError("the logit cache needs a labelled loader (batches with a 'label' key)")
         logits = forward_at_stride(model, batch["image"], device=device, flip=flip, amp_dtype=amp_dtype).cpu()
         sizes = batch["label_size"].tolist() if "label_size" in batch else [batch["label"].shape[-2:]] * len(logits)
         for row, label, (height, width), name in zip(logits, batch["label"], sizes, batch["name"]):
-            logits_out.append(row.to(torch.float16).numpy())
+            stored, exponent = to_float16(row)
+            logits_out.append(stored)
+            exponents.append(exponent)
             labels_out.append(label[:height, :width].to(torch.uint8).numpy())
             names.append(name)
-    return LogitCache(logits_out, labels_out, names, num_classes, align_corners_of(model))
+    return LogitCache(logits_out, labels_out, names, num_classes, align_corners_of(model), scale_exponents=exponents)

@@ -54,6 +54,7 @@ def plot_ia_trials(directory: Path, records: Sequence[dict], objective: str | No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    records = [r for r in records if not r["metrics"].get("skipped")]  # combinations the library cannot apply
     best: dict[tuple[float, float], float] = {}
     for record in records:
         setting = {**defaults, **record["setting"]}

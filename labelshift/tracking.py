@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
+from labelshift.artifacts import TRAIN_LOSS
 from labelshift.config import ConfigError, ExperimentConfig, dump_config, flatten
 from labelshift.runtime import runtime_environment
 
@@ -184,6 +185,9 @@ class Tracker:
 
     def set_tags(self, tags: dict[str, str]) -> None: ...
 
+    def log_stage_plots(self, stage_dir: Path, metrics: dict, artifact_path: str) -> None:
+        """Charts of a finished stage (``labelshift.plots.stage_plots``) as artifacts of the active run."""
+
     def active_run_id(self) -> str | None:
         """The id of the run being logged to (a stage's nested run inside ``stage()``), or None."""
         return None
@@ -306,6 +310,24 @@ class MlflowTracker(Tracker):
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._mlflow.set_tags(tags)
+
+    def log_stage_plots(self, stage_dir: Path, metrics: dict, artifact_path: str) -> None:
+        """The stage's charts (its loss curve from the ``train_loss`` the run received while training) under
+        ``artifact_path``. A chart that cannot be drawn is a warning: it must not fail a finished stage."""
+        import tempfile
+
+        from labelshift.plots import stage_plots
+
+        run_id = self.active_run_id()
+        history = self._mlflow.MlflowClient().get_metric_history(run_id, TRAIN_LOSS) if run_id else []
+        with tempfile.TemporaryDirectory(prefix="labelshift-plots-") as scratch:
+            try:
+                plots = stage_plots(stage_dir, metrics, Path(scratch), [(m.step, m.value) for m in history])
+            except Exception as exc:  # noqa: BLE001 - see the docstring
+                logger.warning("charts of stage %s not drawn: %s", Path(stage_dir).name, exc)
+                return
+            for plot in plots:
+                self.log_artifact(plot, artifact_path=artifact_path)
 
     def active_run_id(self) -> str | None:
         run = self._mlflow.active_run()

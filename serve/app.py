@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import AsyncIterator
 
+import ray
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -24,6 +25,7 @@ from labelshift.data.decode import MEDIA_TYPES, ImageInputError, ImageLimits, de
 from labelshift.priors import ClassPrior
 from labelshift.runtime import apply_runtime
 from labelshift.serving import ParameterError, SegmentationEngine, SegmentOptions, ServeSettings
+from labelshift.serving.admission import RETRY_AFTER_S, Admission, Overloaded
 from labelshift.serving.auth import check_mutation
 from labelshift.serving.encode import mask_png, overlay_png, segmentation_document
 from labelshift.serving.settings import TAU_RANGE, TEMPERATURE_RANGE, TOKEN_ENV, AdjustMode, OutputFormat
@@ -54,6 +56,13 @@ async def _unusable_parameters(request: Request, exc: ParameterError) -> JSONRes
 @api.exception_handler(ImageInputError)
 async def _bad_image(request: Request, exc: ImageInputError) -> JSONResponse:
     return _error(exc.status, exc.reason, exc.detail)
+
+
+@api.exception_handler(Overloaded)
+async def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:
+    answer = _error(503, "overloaded", exc.detail)
+    answer.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return answer
 
 
 async def _capped(stream: AsyncIterator[bytes], limit: int, what: str) -> AsyncIterator[bytes]:
@@ -122,6 +131,8 @@ class Segmenter:
                                          default_adjust=self.settings.default_adjust, online=self.settings.online)
         self.token = self.settings.token or os.environ.get(TOKEN_ENV) or None
         self.bind_host = _http_bind_host()
+        self.admission = Admission(self.settings.max_ongoing_requests,
+                                   None if self.settings.max_queued_requests == -1 else self.settings.max_queued_requests)
         self._segment_batch.set_max_batch_size(self.settings.max_batch_size)
         self._segment_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
 
@@ -146,9 +157,10 @@ class Segmenter:
                       output_format: OutputFormat = Query("png", alias="format")) -> Response:
         options = SegmentOptions(adjust or self.engine.default_adjust, temperature, tau_source, tau_target)
         self.engine.check_options(options)
-        data, declared = await read_upload(request, self.settings.limits)
-        image = await asyncio.to_thread(decode_image, data, self.settings.limits, declared)
-        result = await self._segment_batch((image, options))
+        async with self.admission.admit():  # 503 (JSON) at once when the replica is full
+            data, declared = await read_upload(request, self.settings.limits)
+            image = await asyncio.to_thread(decode_image, data, self.settings.limits, declared)
+            result = await self._segment_batch((image, options))
         headers = {"X-Labelshift-Adjust": result.adjust, "X-Labelshift-Prior": result.prior or "none"}
         if output_format == "json":
             return JSONResponse(segmentation_document(result.mask, self.engine.class_names, self.engine.palette,
@@ -182,7 +194,9 @@ class Segmenter:
         await asyncio.to_thread(self.engine.check_health)
         bundle = self.engine.bundle
         return {"status": "ok", "model_stage": bundle.model_stage, "model_sha256": bundle.model_sha256,
-                "prior_corrected": bundle.prior_corrected, "replica": serve.get_replica_context().replica_tag}
+                "prior_corrected": bundle.prior_corrected, "replica": serve.get_replica_context().replica_tag,
+                "pid": os.getpid(), "actor_id": ray.get_runtime_context().get_actor_id(),
+                "requests": self.admission.state()}
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
@@ -205,7 +219,6 @@ def make_app(args: dict, user_config: dict | None = None) -> serve.Application:
     resolved = settings.model_copy(update={"bundle": str(bundle_dir), "overrides": overrides,
                                            "token": settings.token or os.environ.get(TOKEN_ENV) or None})
     return Segmenter.options(
-        max_ongoing_requests=settings.max_ongoing_requests, max_queued_requests=settings.max_queued_requests,
-        health_check_period_s=settings.health_check_period_s,
+        **settings.serve_options(), health_check_period_s=settings.health_check_period_s,
         ray_actor_options={"num_cpus": settings.num_cpus},
         **({"user_config": user_config} if user_config is not None else {})).bind(resolved.model_dump())

@@ -186,14 +186,22 @@ def test_fuzzed_bytes_never_yield_a_5xx_or_a_dead_replica(server, world_image):
     assert _healthy(client) == replica
 
 
-def test_overload_answers_503_and_the_server_recovers(server):
+def test_overload_answers_a_json_503_and_the_server_recovers(server):
     noise = np.random.default_rng(1).integers(0, 256, (300, 300, 3), dtype=np.uint8)
     body = cv2.imencode(".jpg", noise)[1].tobytes()
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
-        statuses = list(pool.map(lambda _: httpx.post(f"{server['url']}/tight/v1/segment", content=body, timeout=60,
-                                                      headers={"content-type": "image/jpeg"}).status_code, range(24)))
+        answers = list(pool.map(lambda _: httpx.post(f"{server['url']}/tight/v1/segment", content=body, timeout=60,
+                                                     headers={"content-type": "image/jpeg"}), range(24)))
+    statuses = [answer.status_code for answer in answers]
     assert set(statuses) == {200, 503} and statuses.count(200) >= 2, statuses
-    _healthy(server["client"], "/tight")
+    for answer in answers:
+        if answer.status_code == 503:  # the replica's own answer (it holds 1 working + 1 waiting), not Serve's
+            assert answer.headers["content-type"] == "application/json" and answer.headers["retry-after"] == "1"
+            assert answer.json()["error"] == "overloaded" and "1 in work, 1 waiting" in answer.json()["detail"]
+    health = server["client"].get("/tight/healthz").json()
+    assert health["status"] == "ok" and health["requests"]["refused"] == statuses.count(503)
+    assert health["requests"]["held"] == 0
+    assert _segment(server["client"], body, "/tight/v1/segment", "image/jpeg").status_code == 200
 
 
 def _sky_prior(classes) -> dict:
@@ -223,18 +231,38 @@ def test_priors_hot_swap_changes_the_output_without_a_restart_and_needs_the_toke
     bad = client.put("/v1/priors", json={**sky, "classes": sky["classes"][:-1]},
                      headers={"authorization": f"Bearer {TOKEN}"})
     assert (bad.status_code, bad.json()["error"]) == (422, "bad_prior")
-    # a user_config change reaches reconfigure(): the named prior of the bundle (a Python serve.run redeploy gets
-    # a new code version, so Serve may restart the replica; `serve deploy` of a config changing only
-    # user_config updates replicas in place)
-    serve.run(server["make_app"]({"bundle": str(server["root"] / "adapted"), "token": TOKEN, **server["common"],
-                                   "online": {"enabled": True, "window_images": 8, "min_images": 2,
-                                              "update_every": 2}},
-                                  user_config={"target_prior": "estimate_count", "adjust": {"tau_target": 0.5}}),
-              name="main", route_prefix="/")
-    after = client.get("/v1/priors").json()
-    assert (after["target_name"], after["adjust"]["tau_target"]) == ("estimate_count", 0.5)
     # without a token, a loopback-bound server takes PUT from loopback
     assert client.put("/corrected/v1/priors", json=sky).status_code == 200
+
+
+def _deploy_config(server, user_config: dict) -> None:
+    """Deploy the app ``swap`` from a config, as ``serve deploy`` / ``serve run serve/config.yaml`` do (the same
+    controller call): ``import_path`` + ``args`` + the deployment's ``user_config``."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    app = {"name": "swap", "route_prefix": "/swap", "import_path": "serve.app:build_app",
+           "args": {"bundle": str(server["root"] / "adapted"), **server["common"]},
+           "deployments": [{"name": "Segmenter", "user_config": user_config}]}
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}), _blocking=True)
+
+
+def test_a_user_config_change_hot_swaps_priors_in_the_same_replica_process(server, world_image):
+    client, body = server["client"], _png(world_image)
+    _deploy_config(server, {"target_prior": "target"})
+    before, priors_before = client.get("/swap/healthz").json(), client.get("/swap/v1/priors").json()
+    mask_before = _ids(_segment(client, body, "/swap/v1/segment", adjust="ia").content)
+    sky = _sky_prior(priors_before["target"]["classes"])
+    _deploy_config(server, {"target_prior": sky, "adjust": {"tau_target": 2.0}})  # only user_config changed
+    after, priors_after = client.get("/swap/healthz").json(), client.get("/swap/v1/priors").json()
+    assert (after["pid"], after["actor_id"], after["replica"]) == (before["pid"], before["actor_id"],
+                                                                  before["replica"])  # reconfigure(), no restart
+    assert (priors_before["target_name"], priors_after["target_name"]) == ("target", "custom: hand (pixel, 19 classes)")
+    assert priors_after["adjust"]["tau_target"] == 2.0 and priors_after["version"] == priors_before["version"] + 2
+    sky_id = priors_before["target"]["classes"].index("sky")
+    mask_after = _ids(_segment(client, body, "/swap/v1/segment", adjust="ia").content)
+    assert (mask_after == sky_id).mean() > (mask_before == sky_id).mean() + 0.2
+    serve.delete("swap")
 
 
 def test_online_tracking_reestimates_from_served_images(server, tiny_world):

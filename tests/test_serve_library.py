@@ -165,6 +165,31 @@ def test_engine_masks_equal_predict_with_the_same_ia_at_any_size(bundle_dir, tin
     assert not np.array_equal(answers[0].mask, engine.segment([image], [SegmentOptions("none")])[0].mask)
 
 
+def test_adjust_local_gives_each_image_its_own_prior_and_keeps_no_state(bundle_dir, tiny_world, tmp_path):
+    bundle = load_bundle(bundle_dir)
+    engine = SegmentationEngine(bundle)
+    paths = sorted((tiny_world / "cityscapes" / "leftImg8bit" / "val").rglob("*.png"))[:2]
+    images = [read_image(path) for path in paths]
+    answers = engine.segment(images, [SegmentOptions("local", tau_target=0.8)] * 2)
+    local = ia_transform(bundle.adjust.model_copy(update={"mode": "local", "tau_target": 0.8}), bundle.source,
+                         bundle.target_prior, bundle.calibration)
+    for answer, image in zip(answers, images):
+        logits = predict(engine.model, engine.image_tensor(image)[None], image.shape[:2], device=torch.device("cpu"))
+        priors = local.image_priors(logits)
+        assert np.array_equal(answer.mask, local.apply(logits, priors).argmax(1)[0].numpy())
+        assert answer.image_prior["prior"] == pytest.approx(priors.probs[0].tolist())
+        assert (answer.prior, answer.info()["image_prior"]["iterations"]) == ("local, toward target",
+                                                                              priors.record(0)["iterations"])
+    # the two images' priors differ from each other and from the dataset prior; a batch of one gives the same
+    first, second = (np.asarray(answer.image_prior["prior"]) for answer in answers)
+    assert prior_l1(bundle.target_prior, first) > 0.05 and np.abs(first - second).sum() > 0.05
+    alone = engine.segment(images[1:], [SegmentOptions("local", tau_target=0.8)])[0]
+    assert np.array_equal(alone.mask, answers[1].mask) and engine.version == 0
+    engine.set_target_prior(ClassPrior(bundle.classes, np.full(len(bundle.classes), 1.0), "image"))
+    with pytest.raises(ParameterError, match="adjust=local shrinks each image's prior toward a pixel prior"):
+        engine.check_options(SegmentOptions("local"))
+
+
 def test_a_corrected_model_refuses_ia_and_online(bundle_dir, tmp_path):
     import shutil
 
@@ -174,8 +199,9 @@ def test_a_corrected_model_refuses_ia_and_online(bundle_dir, tmp_path):
     (corrected / "bundle.json").write_text(json.dumps({**index, "prior_corrected": True}))
     engine = SegmentationEngine(load_bundle(corrected))
     assert engine.default_adjust == "none"
-    with pytest.raises(ParameterError, match="would correct twice"):
-        engine.check_options(SegmentOptions("ia"))
+    for adjust in ("ia", "online", "local"):
+        with pytest.raises(ParameterError, match=f"adjust={adjust} would correct twice"):
+            engine.check_options(SegmentOptions(adjust))
     with pytest.raises(ParameterError, match=r"temperature must be in \[0.05, 20.0\]"):
         SegmentOptions("none", temperature=float("nan"))
 
@@ -200,3 +226,41 @@ def test_online_tracking_moves_to_the_true_prior_of_shifted_data():
     state = tracker.state()
     assert (state.images_seen, state.window_images, state.updates) == (30, 20, 6)
     assert prior_l1(state.prior, target) < 0.08 < 0.9 < prior_l1(source, target)
+
+
+# ------------------------------------------------------------------------------------------------ back-pressure
+def test_admission_holds_working_plus_waiting_requests_and_refuses_the_next_at_once():
+    import asyncio
+
+    from labelshift.serving.admission import Admission, Overloaded
+    from labelshift.serving.settings import REJECTION_HEADROOM, ServeSettings
+
+    async def scenario() -> tuple[list[str], dict, int]:
+        admission, release, events = Admission(working=2, waiting=1), asyncio.Event(), []
+
+        async def request(number: int) -> None:
+            try:
+                async with admission.admit():
+                    events.append(f"start {number}")
+                    await release.wait()
+            except Overloaded as refusal:
+                events.append(f"refused {number}: {refusal.detail}")
+
+        tasks = [asyncio.create_task(request(number)) for number in range(5)]
+        await asyncio.sleep(0.01)
+        held = admission.held
+        release.set()
+        await asyncio.gather(*tasks)
+        return events, admission.state(), held
+
+    events, state, held_while_blocked = asyncio.run(scenario())
+    assert held_while_blocked == 3 and state == {"held": 0, "working": 2, "waiting": 1, "refused": 2}
+    assert events[:4] == ["start 0", "start 1", "refused 3: the replica holds 3 requests (2 in work, 1 waiting), "
+                          "its limit; retry in about 1 s", "refused 4: the replica holds 3 requests (2 in work, "
+                          "1 waiting), its limit; retry in about 1 s"] and events[4] == "start 2"
+    settings = ServeSettings(bundle="b", max_ongoing_requests=8, max_queued_requests=4)
+    assert settings.admission_limit == 12
+    assert settings.serve_options() == {"max_ongoing_requests": 12 + REJECTION_HEADROOM,
+                                        "max_queued_requests": 12 + REJECTION_HEADROOM}
+    unbounded = ServeSettings(bundle="b", max_queued_requests=-1)
+    assert unbounded.admission_limit is None and unbounded.serve_options()["max_queued_requests"] == -1

@@ -47,6 +47,26 @@ def test_cache_confusion_equals_upsample_then_argmax(monkeypatch, align_corners,
     assert np.abs(got.matrix - expected).sum() <= 2  # at most a rounding tie (float summation order)
 
 
+def test_cache_stores_logits_beyond_float16_range_rescaled_and_scores_them_exactly():
+    """A random-weight DeepLabV2-R101 reaches |logits| ~1e5 (float16 ends at 65504: the cache held inf and every
+    estimate became NaN): such images are stored divided by 2**e, read back finite within float16's relative
+    precision, and score like the float32 logits."""
+    from labelshift.logit_cache import FLOAT16_LOGIT_LIMIT, to_float16
+
+    logits = _smooth_logits(19, (8, 16), cells=3) * 4e4
+    labels = torch.randint(0, 19, (64, 128))
+    stored, exponent = to_float16(logits)
+    assert exponent == int(np.ceil(np.log2(float(logits.abs().max()) / FLOAT16_LOGIT_LIMIT))) >= 1
+    cache = LogitCache([stored], [labels.to(torch.uint8).numpy()], ["a"], 19, False, scale_exponents=[exponent])
+    restored = cache.low_res(0)
+    assert torch.isfinite(restored).all() and not np.isfinite(logits.half().numpy()).all()
+    assert float(((restored - logits).abs() / logits.abs().max()).max()) < 2 ** -11
+    assert np.abs(cache.confusion().matrix - _full_confusion(logits, labels, False)).sum() <= 2
+    assert to_float16(logits / 1e4)[1] == 0
+    with pytest.raises(ValueError, match="non-finite logits"):
+        to_float16(torch.full((19, 2, 2), float("nan")))
+
+
 def test_bilinear_source_matches_torch():
     for align_corners in (False, True):
         i0, i1, weight = bilinear_source(5, 17, align_corners)
@@ -162,5 +182,50 @@ def test_search_spaces_map_onto_tune():
                                                                params["train.refine.tau"].upper) == (0.25, 2.0)
     assert isinstance(params["prior.method"], Categorical) and params["prior.method"].categories == ["em", "em_raw"]
     assert isinstance(_search_algorithm(space, seed=0), OptunaSearch)
-    grid = param_space(SpaceConfig(parameters={"adjust.tau_target": {"values": [0.5, 1.0]}}))
-    assert grid["adjust.tau_target"] == {"grid_search": [0.5, 1.0]}
+    grid_space = SpaceConfig(parameters={"adjust.tau_target": {"values": [0.5, 1.0]}}, max_concurrent_trials=1)
+    assert param_space(grid_space)["adjust.tau_target"] == {"grid_search": [0.5, 1.0]}
+    # Tune ignores TuneConfig.max_concurrent_trials for a variant generator: the generator itself holds the limit
+    assert _search_algorithm(grid_space, seed=0).max_concurrent == 1
+
+
+# ------------------------------------------------------------------------------- per-image priors (issue 15)
+def test_ia_space_searches_the_per_image_mode_and_skips_what_it_cannot_apply(tiny_trained, tmp_path):
+    """``adjust.mode`` and ``adjust.local.*`` are config paths of the IA space; a local trial scores the cache
+    with the library's LocalIA (κ = 100: per-image priors, other decisions than global IA; a huge κ: global IA's);
+    local mode with an image prior (reference) is skipped with NaN scores and never chosen."""
+    from labelshift.build import build_model
+    from labelshift.config.sweep import overrides_of
+    from labelshift.ia_sweep import EstimateOutputs, build_inputs, score_setting
+    from labelshift.runners.sweeps import cache_of
+    from labelshift.selection import best_index
+
+    space = ("sweep.ia.parameters={adjust.mode: {values: [global, local]}, adjust.local.kappa: {values: [100, 1e12]},"
+             " adjust.local.estimator: {values: [map_em, map_count]}, prior.method: {values: [em, reference]}}")
+    overrides = [*tiny_trained.overrides, f"data.target_select.root={tiny_trained.world}/cityscapes"]
+    cfg = load_config(DEMO_CONFIG.parent / "sweep_ia.yaml", [*overrides, space])
+    assert cfg.sweep.ia.grid_size() == 16
+    for swept, message in (("adjust.local.max_iter: {values: [10]}", r"adjust.local.max_iter'\] cannot be swept"),
+                           ("adjust.local.kappa: {values: [-1]}", r"sweep.ia.parameters.adjust.local.kappa: -1")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(DEMO_CONFIG.parent / "sweep_ia.yaml", [*overrides, f"sweep.ia.parameters={{{swept}}}"])
+    model = build_model(cfg, tiny_trained.model).eval()
+    inputs = build_inputs(cfg, EstimateOutputs.read(tiny_trained.estimate),
+                          cache_of(cfg, model, "target_select", torch.device("cpu")))
+    settings = {"global": {"adjust.mode": "global", "prior.method": "em"},
+                "local": {"adjust.mode": "local", "adjust.local.kappa": 100.0, "prior.method": "em"},
+                "local_huge_kappa": {"adjust.mode": "local", "adjust.local.kappa": 1e12, "prior.method": "em"},
+                "global_reference": {"adjust.mode": "global", "prior.method": "reference"},
+                "local_reference": {"adjust.mode": "local", "adjust.local.kappa": 100.0, "prior.method": "reference"}}
+    scores = {name: score_setting(inputs, setting) for name, setting in settings.items()}
+    assert scores["local_huge_kappa"]["select_miou"] == pytest.approx(scores["global"]["select_miou"], abs=1e-6)
+    assert scores["local"]["label_free_neg_entropy"] != pytest.approx(scores["global"]["label_free_neg_entropy"])
+    assert 0 < scores["local"]["select_miou"] <= 100 and scores["local"]["skipped"] == 0.0
+    skipped = scores["local_reference"]
+    assert skipped["skipped"] == 1.0 and np.isnan(skipped["select_miou"]) and np.isnan(
+        skipped["label_free_expected_miou"])
+    assert scores["global_reference"]["skipped"] == 0.0
+    rows = list(scores.values())
+    assert not rows[best_index([row["select_miou"] for row in rows])]["skipped"]
+    again = load_config(DEMO_CONFIG, [*tiny_trained.overrides, *overrides_of(
+        {"adjust.mode": "local", "adjust.local.kappa": 300.0, "adjust.local.estimator": "map_count"})])
+    assert (again.adjust.mode, again.adjust.local.kappa, again.adjust.local.estimator) == ("local", 300.0, "map_count")

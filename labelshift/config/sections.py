@@ -179,19 +179,41 @@ class TrainConfig(StrictModel):
     distill: DistillConfig = DistillConfig(iterations=20000, lr=5e-4)
 
 
+class LocalAdjustConfig(StrictModel):
+    """Per-image priors (``adjust.mode: local``; labelshift.estimate.per_image, docs/per_image_priors.md): each
+    image's prior q is estimated from its own (calibrated) pixel posteriors and shrunk toward the dataset prior
+    π̂ (the configured target prior). ``map_em``: EM with a Dirichlet prior of concentration ``kappa`` centred on
+    π̂, the image weighing ``effective_pixels`` pixels (its pixels are correlated): the fixed point
+    q = (n_eff·mean_x r_x(q) + κ·π̂) / (n_eff + κ), so only κ/(κ + n_eff) decides; κ = inf is global IA exactly,
+    κ = 0 plain per-image EM. ``map_count``: the same shrinkage of the image's argmax histogram after global IA.
+    """
+
+    estimator: Literal["map_em", "map_count"] = "map_em"
+    kappa: float = Field(1000.0, ge=0)  # Dirichlet concentration, in pixels; .inf: the dataset prior (global IA)
+    effective_pixels: float = Field(1000.0, gt=0)  # what one image's likelihood weighs, in pixels
+    sample_pixels: PositiveInt = 4096  # pixels per image the estimate reads (a regular grid, batch-independent)
+    posteriors: Literal["calibrated", "raw"] = "calibrated"  # softmax of the BCTS-calibrated or the raw logits
+    floor: float = Field(0.01, ge=0.0, lt=1.0)  # q_c ≥ floor·π̂_c (renormalised): no class vanishes outright
+    max_iter: PositiveInt = 200
+    tol: float = Field(1e-6, gt=0)  # L1 change of q; an image not converged by max_iter uses π̂ (counted)
+
+
 class AdjustConfig(StrictModel):
     """Inference Adjustment: z' = z / T − τ_s·log π_s + τ_t·log π_t.
 
     ``space``: ``raw`` adjusts the raw logits against the exact source prior of the target prior's kind (the
     paper's IA); ``calibrated`` adjusts pixel priors in the calibration's space, z/T + b − log π_cal + log π_t
     (exact under pure label shift, but the calibration is fitted on source val and need not transfer across an
-    appearance shift).
+    appearance shift). ``mode``: ``global`` uses one target prior for every image; ``local`` a prior per image
+    (``local:``), shrunk toward the target prior.
     """
 
     space: Literal["raw", "calibrated"] = "raw"
     temperature: float = Field(1.0, gt=0)
     tau_source: float = 1.0
     tau_target: float = 1.0
+    mode: Literal["global", "local"] = "global"
+    local: LocalAdjustConfig = LocalAdjustConfig()
 
 
 class PriorConfig(StrictModel):

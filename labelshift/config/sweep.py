@@ -6,7 +6,8 @@ and the HTTP server read. Two spaces exist:
 
 - ``ia``: Inference Adjustment over cached logits (no network runs in a trial): the ``adjust`` settings and
   ``prior.method`` (which of the estimate stage's priors IA uses; ``em`` and ``em_raw`` are EM with and without
-  BCTS). The per-image prior mode adds its ``adjust.*`` keys to :data:`IA_PATHS` when it exists.
+  BCTS), and the per-image prior mode (``adjust.mode: local``) with its shrinkage ``adjust.local.kappa``, its
+  estimator ``adjust.local.estimator`` and the other ``adjust.local`` numbers of :data:`IA_PATHS`.
 - ``cr``: Classifier Refinement on Ray Train (``train.refine.*``: ``tau``, ``lr``, ...; and ``prior.method``).
 
 The models here import only :mod:`labelshift.config.base` (the experiment config embeds :class:`SweepConfig`).
@@ -23,7 +24,8 @@ from labelshift.config.base import StrictModel
 
 SPACES: tuple[str, ...] = ("ia", "cr")
 IA_PATHS: tuple[str, ...] = ("adjust.space", "adjust.temperature", "adjust.tau_source", "adjust.tau_target",
-                             "prior.method")
+                             "prior.method", "adjust.mode", "adjust.local.estimator", "adjust.local.kappa",
+                             "adjust.local.effective_pixels", "adjust.local.floor")
 CR_PREFIX = "train.refine."
 CR_PATHS: tuple[str, ...] = ("prior.method",)  # besides every train.refine.* key
 LABEL_FREE_OBJECTIVES: tuple[str, ...] = ("expected_miou", "pseudo_miou", "em_loglik", "neg_entropy")

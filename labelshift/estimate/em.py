@@ -13,25 +13,55 @@ from labelshift.priors import ClassPrior
 from labelshift.sampling import EM_PIXEL_KEYS, keyed_generator
 
 
+# EM keeps every class at least this probability: a class driven to exactly 0 would leave a pixel whose posterior
+# sits on such classes with zero likelihood (0/0: NaN in every later iteration). Estimates above it are unchanged.
+EM_PROBABILITY_FLOOR = 1e-12
+
+
+def _checked_em_inputs(posterior: np.ndarray, source: np.ndarray, sample_weights: np.ndarray,
+                       estimate: np.ndarray) -> None:
+    """Refuse what EM cannot turn into a prior (NaN/inf logits reach here as NaN posteriors)."""
+    if posterior.ndim != 2 or posterior.shape[1] != len(source):
+        raise ValueError(f"em: posteriors must be (M, {len(source)}), got shape {posterior.shape}")
+    if not np.isfinite(posterior).all() or (posterior < 0).any() or (posterior.sum(1) <= 0).any():
+        raise ValueError("em: posteriors must be finite, non-negative and have mass in every row (non-finite "
+                         "logits give NaN probabilities; a float16 logit above 65504 is inf)")
+    if not np.isfinite(source).all() or (source <= 0).any():
+        raise ValueError("em: the source prior must be finite and positive (floor zero-mass classes)")
+    if sample_weights.shape != (len(posterior),) or not np.isfinite(sample_weights).all() \
+            or (sample_weights < 0).any() or sample_weights.sum() <= 0:
+        raise ValueError("em: weights must be (M,), finite, non-negative, with a positive sum")
+    if not np.isfinite(estimate).all() or (estimate < 0).any() or estimate.sum() <= 0:
+        raise ValueError("em: init must be finite, non-negative, with a positive sum")
+
+
 def em_label_shift(posteriors: Any, source_prior: Any, *, weights: np.ndarray | None = None,
                    init: np.ndarray | None = None, tol: float = 1e-7,
                    max_iter: int = 1000) -> tuple[np.ndarray, int, bool]:
     """Maximum-likelihood target prior under label shift (Saerens, Latinne & Decaestecker 2002).
 
     posteriors: (M, K) p_s(y|x) under ``source_prior`` (K,); weights: (M,) sample weights or None.
-    Iterates q <- mean_x normalise(p_s(y|x)·q/π_s) until the L1 change is below ``tol``.
-    Returns (q (K,), iterations, converged).
+    Iterates q <- mean_x normalise(p_s(y|x)·q/π_s) until the L1 change is below ``tol``, keeping every class at
+    least ``EM_PROBABILITY_FLOOR`` (renormalised), so the estimate is finite for any valid input (one-hot
+    posteriors of huge logits and an init with zeros included). Invalid input (NaN or inf posteriors, weights
+    summing to 0) raises ``ValueError``. Returns (q (K,), iterations, converged).
     """
     posterior = np.asarray(posteriors, dtype=np.float64)
     source = np.asarray(source_prior, dtype=np.float64)
     sample_weights = np.ones(len(posterior)) if weights is None else np.asarray(weights, dtype=np.float64)
-    total_weight = sample_weights.sum()
     estimate = source.copy() if init is None else np.asarray(init, dtype=np.float64).copy()
+    _checked_em_inputs(posterior, source, sample_weights, estimate)
+    total_weight = sample_weights.sum()
+    estimate = np.maximum(estimate / estimate.sum(), EM_PROBABILITY_FLOOR)
+    estimate /= estimate.sum()
     for iteration in range(1, max_iter + 1):
-        # normalise(p·r) averaged over x, with r = q/π_s, as two matrix-vector products (no (M, K) temporary)
+        # normalise(p·r) averaged over x, with r = q/π_s, as two matrix-vector products (no (M, K) temporary);
+        # every row has mass and every r_k > 0, so the normaliser is positive
         ratio = estimate / source
-        normaliser = np.maximum(posterior @ ratio, np.finfo(np.float64).tiny)
+        normaliser = posterior @ ratio
         updated = ratio * (posterior.T @ (sample_weights / normaliser)) / total_weight
+        updated = np.maximum(updated, EM_PROBABILITY_FLOOR)
+        updated /= updated.sum()
         change = np.abs(updated - estimate).sum()
         estimate = updated
         if change < tol:
@@ -153,7 +183,10 @@ class EMEstimator(PriorEstimator):
             return self._point
         if self._point is None:
             self._estimate(None)
-        estimate, _, _ = em_label_shift(probs, self.source_probs, weights=unit_weights[sample_units],
+        pixel_weights = unit_weights[sample_units]
+        if pixel_weights.sum() <= 0:  # no sampled pixel in this replicate: the bootstrap leaves it out
+            return np.zeros(self.num_classes)
+        estimate, _, _ = em_label_shift(probs, self.source_probs, weights=pixel_weights,
                                         init=self._point, tol=self.tol, max_iter=self.max_iter)
         return estimate
 

@@ -24,7 +24,7 @@ from labelshift.models import checkpoint_sha256
 from labelshift.models.checkpoint import CheckpointError
 from labelshift.pipeline import steps
 from labelshift.pipeline.manifest import StageDir, fingerprint
-from labelshift.pipeline.report import format_summary, summary_rows
+from labelshift.pipeline.report import format_summary, results_metrics, summary_rows
 from labelshift.priors import ClassPrior
 from labelshift.runners.data import InProcessPasses
 from labelshift.runtime import apply_runtime, runtime_environment
@@ -142,6 +142,7 @@ class Pipeline:
                 for rel in outputs:
                     if (directory.final / rel).is_file() and not rel.endswith(".safetensors"):
                         self.tracker.log_artifact(directory.final / rel, artifact_path=stage.name)
+                self.tracker.log_stage_plots(directory.final, metrics, artifact_path=f"{stage.name}/plots")
                 self.tracker.set_tags({"labelshift.stage_dir": str(directory.final)})
             self.log(f"[{stage.name}] done in {metrics['seconds']:.1f}s")
         self.results[stage.name] = manifest["metrics"]
@@ -218,6 +219,7 @@ class Pipeline:
         write_text_atomic(self.output_dir / "summary.md", table + "\n")
         self.tracker.log_artifact(path)
         self.tracker.log_artifact(self.output_dir / "summary.md")
+        self.tracker.log_metrics(results_metrics(rows))  # the parent run: jobs compare at the UI's top level
         self.log(table)
         self.log(f"summary written to {path}")
         return summary

@@ -1,33 +1,39 @@
 """The job's summary table: target-val mIoU of each step of the method, from the stages' metrics."""
 from __future__ import annotations
 
-from labelshift.artifacts import NO_ADJUST, ORACLE_IA, TARGET, evaluation_key, ia_name
+from labelshift.artifacts import NO_ADJUST, ORACLE_IA, TARGET, evaluation_key, ia_name, results_key
 
-ROWS = (
-    ("source-only (adapted model)", "evaluate_adapted", NO_ADJUST),
-    ("+IA (estimated prior)", "evaluate_adapted", ia_name(TARGET)),
-    ("+IA (oracle prior)", "evaluate_adapted", ORACLE_IA),
-    ("+CR (classifier refinement)", "evaluate_refined", NO_ADJUST),
-    ("+self-distillation", "evaluate_distilled", NO_ADJUST),
+ROWS = (  # (label, stage, transform, row id: the results/<row>.<column> keys of the parent run)
+    ("source-only (adapted model)", "evaluate_adapted", NO_ADJUST, "source_only"),
+    ("+IA (estimated prior)", "evaluate_adapted", ia_name(TARGET), "ia_estimate"),
+    ("+IA (oracle prior)", "evaluate_adapted", ORACLE_IA, "ia_oracle"),
+    ("+CR (classifier refinement)", "evaluate_refined", NO_ADJUST, "cr"),
+    ("+self-distillation", "evaluate_distilled", NO_ADJUST, "self_distillation"),
 )
 
 
 def summary_rows(results: dict[str, dict]) -> list[dict]:
-    """One row per available result: name, target-val mIoU, gain over source-only, source-val mIoU."""
+    """One row per available result: name, row id, target-val mIoU, gain over source-only, source-val mIoU."""
     rows = []
     baseline = None
-    for label, stage, variant in ROWS:
+    for label, stage, variant, row_id in ROWS:
         metrics = results.get(stage, {}).get(evaluation_key("target_val", variant))
         if metrics is None:
             continue
         miou = metrics["miou"]
         baseline = miou if baseline is None else baseline
         source = results.get(stage, {}).get(evaluation_key("source_val", variant))
-        row = {"model": label, "target_val_miou": miou, "gain": round(miou - baseline, 2),
+        row = {"model": label, "row": row_id, "target_val_miou": miou, "gain": round(miou - baseline, 2),
                "source_val_miou": source["miou"] if source else None}
         row.update({k: v for k, v in metrics.items() if k.startswith("miou_")})
         rows.append(row)
     return rows
+
+
+def results_metrics(rows: list[dict]) -> dict[str, float]:
+    """The table's numbers as the parent run's metrics: ``results/<row>.<column>`` (``artifacts.results_key``)."""
+    return {results_key(row["row"], column): value for row in rows for column, value in row.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 def format_summary(rows: list[dict]) -> str:

@@ -11,7 +11,7 @@ from typing import Callable, Protocol
 import torch
 
 from labelshift.adjust import ia_transform
-from labelshift.artifacts import (CALIBRATION_FILE, NO_ADJUST, ORACLE_IA, SOURCE_CALIBRATED, TARGET,
+from labelshift.artifacts import (CALIBRATION_FILE, CONFUSION_FILE, NO_ADJUST, ORACLE_IA, SOURCE_CALIBRATED, TARGET,
                                   estimate_name, evaluation_key, ia_name, oracle_name, source_prior_name,
                                   source_priors_from, write_priors)
 from labelshift.atomic import write_json_atomic
@@ -121,6 +121,7 @@ def _evaluate(job: JobContext, model_stage: str | None, stage: StageDir,
     target_size = job.cfg.eval.input_sizes.get(EVALUATED_MODELS[model_stage])
     subsets = eval_subsets(job.cfg)
     metrics: dict = {}
+    confusions: dict[str, list] = {}  # {evaluation key: (K, K) counts}, what the stage's heatmaps draw
     splits = {"target_val": transforms}
     if with_source and job.cfg.data.source_val is not None:
         splits["source_val"] = {NO_ADJUST: None}
@@ -129,8 +130,10 @@ def _evaluate(job: JobContext, model_stage: str | None, stage: StageDir,
                                        size=target_size if split == "target_val" else None)
         for name, matrix in matrices.items():
             metrics[evaluation_key(split, name)] = matrix.to_dict(job.class_set.names, subsets)
+            confusions[evaluation_key(split, name)] = matrix.matrix.tolist()
     write_json_atomic(stage.partial / "metrics.json", metrics)
-    return ["metrics.json"], metrics
+    write_json_atomic(stage.partial / CONFUSION_FILE, confusions)
+    return ["metrics.json", CONFUSION_FILE], metrics
 
 
 def evaluate_adapted(job: JobContext, stage: StageDir) -> StageResult:

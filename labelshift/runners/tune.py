@@ -54,6 +54,8 @@ def param_space(space: SpaceConfig) -> dict[str, Any]:
 
 
 def _search_algorithm(space: SpaceConfig, seed: int):
+    """Optuna (a ``Searcher``: Tune wraps it in a ``ConcurrencyLimiter`` of ``max_concurrent_trials``), or grid /
+    random variants, whose generator takes the limit itself (Tune ignores ``max_concurrent_trials`` for one)."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     if space.search == "optuna":
@@ -63,18 +65,19 @@ def _search_algorithm(space: SpaceConfig, seed: int):
         except ImportError:
             raise RuntimeError("search: optuna needs Optuna: pip install 'labelshift-seg[tune]'") from None
         return OptunaSearch(metric=SELECT_METRIC, mode="max", seed=seed)
-    return BasicVariantGenerator(random_state=seed)
+    return BasicVariantGenerator(random_state=seed, max_concurrent=space.max_concurrent_trials)
 
 
 def _run_tuner(trainable, space: SpaceConfig, *, storage_path: str, name: str, seed: int,
                tracking: TrackingLink | None, space_name: str, scheduler=None) -> list[dict]:
     from ray import tune
 
+    search = _search_algorithm(space, seed)
+    limit = space.max_concurrent_trials if isinstance(search, tune.search.Searcher) else None
     tuner = tune.Tuner(
         trainable, param_space=param_space(space),
         tune_config=tune.TuneConfig(metric=SELECT_METRIC, mode="max", num_samples=space.num_samples,
-                                    max_concurrent_trials=space.max_concurrent_trials, scheduler=scheduler,
-                                    search_alg=_search_algorithm(space, seed)),
+                                    max_concurrent_trials=limit, scheduler=scheduler, search_alg=search),
         run_config=tune.RunConfig(name=name, storage_path=storage_path,
                                   callbacks=tracking.callbacks(space_name) if tracking else []))
     results = tuner.fit()

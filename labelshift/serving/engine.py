@@ -3,7 +3,8 @@ prediction of decoded images of any size, and (opt-in) online prior tracking.
 
 The mask of an image is exactly what the library computes offline: the evaluation transform of the bundle's
 input size (:func:`labelshift.data.build_transforms`), :func:`labelshift.inference.predict` at the image's own
-size, the IA transform of :func:`labelshift.adjust.ia_transform`, argmax.
+size, the IA transform of :func:`labelshift.adjust.ia_transform` (``adjust=local``: its per-image
+:class:`~labelshift.adjust.LocalIA`), argmax.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from labelshift.adjust import ia_transform
+from labelshift.adjust import LocalIA, ia_transform
 from labelshift.bundle import ModelBundle
 from labelshift.classes import get_class_set
 from labelshift.config import AdjustConfig
@@ -30,15 +31,18 @@ HEALTH_PROBE_SIZE = (8, 8)  # (height, width) of the image check_health runs thr
 
 @dataclass(frozen=True)
 class Segmentation:
-    """One image's answer: the trainId mask (H, W) uint8 at the image's size, the adjustment applied and the
-    name of the target prior used (None without adjustment)."""
+    """One image's answer: the trainId mask (H, W) uint8 at the image's size, the adjustment applied, the
+    name of the target prior used (None without adjustment) and, for ``adjust=local``, the image's own prior
+    (``ImagePriors.record``: ``prior`` [K], ``iterations``, ``fallback``, ``floored_classes``)."""
 
     mask: np.ndarray
     adjust: AdjustMode
     prior: str | None
+    image_prior: dict[str, Any] | None = None
 
     def info(self) -> dict[str, Any]:
-        return {"adjust": self.adjust, "prior": self.prior}
+        info = {"adjust": self.adjust, "prior": self.prior}
+        return info if self.image_prior is None else {**info, "image_prior": self.image_prior}
 
 
 class SegmentationEngine:
@@ -112,11 +116,14 @@ class SegmentationEngine:
     # ------------------------------------------------------------------------------------- requests
     def check_options(self, options: SegmentOptions) -> None:
         """Raise :class:`ParameterError` (HTTP 422) for settings this model cannot honour."""
-        if options.adjust in ("ia", "online") and self.bundle.prior_corrected:
+        if options.adjust != "none" and self.bundle.prior_corrected:
             raise ParameterError(f"adjust={options.adjust} would correct twice: the model "
                                  f"({self.bundle.model_stage}) is already prior-corrected; use adjust=none")
         if options.adjust == "online" and self.tracker is None:
             raise ParameterError("adjust=online needs online prior tracking (online.enabled in the server settings)")
+        if options.adjust == "local" and self.target_prior.kind != "pixel":
+            raise ParameterError(f"adjust=local shrinks each image's prior toward a pixel prior; the target prior "
+                                 f"{self.target_name!r} is an {self.target_prior.kind} prior")
 
     def _transform(self, options: SegmentOptions, adjust: AdjustConfig, target: tuple[str, ClassPrior]
                    ) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, str | None]:
@@ -128,6 +135,8 @@ class SegmentationEngine:
             name, prior = (f"{name} (online warming up)", prior) if tracked is None else ("online", tracked)
         changes = {key: value for key in ("temperature", "tau_source", "tau_target")
                    if (value := getattr(options, key)) is not None}
+        if options.adjust == "local":  # the bundle's (or the sweep overrides') adjust.local settings
+            changes["mode"], name = "local", f"local, toward {name}"
         settings = adjust.model_copy(update=changes) if changes else adjust
         return ia_transform(settings, self.bundle.source, prior, self.bundle.calibration), name
 
@@ -151,9 +160,14 @@ class SegmentationEngine:
         for row, ((height, width), option) in enumerate(zip(sizes, options)):
             row_logits = logits[row:row + 1, :, :height, :width]
             transform, prior_name = self._transform(option, adjust, target)
-            adjusted = row_logits if transform is None else transform(row_logits)
+            image_prior = None
+            if isinstance(transform, LocalIA):  # estimate the image's prior once, report it with the mask
+                priors = transform.image_priors(row_logits)
+                adjusted, image_prior = transform.apply(row_logits, priors), priors.record(0)
+            else:
+                adjusted = row_logits if transform is None else transform(row_logits)
             answers.append(Segmentation(adjusted.argmax(1)[0].to(torch.uint8).cpu().numpy(), option.adjust,
-                                        prior_name))
+                                        prior_name, image_prior))
         if self.tracker is not None:
             for row, (height, width) in enumerate(sizes):
                 self.tracker.observe(logits[row:row + 1, :, :height, :width])

@@ -16,11 +16,13 @@ from labelshift.config.base import StrictModel
 
 from labelshift.data.decode import ImageLimits
 
-AdjustMode = Literal["none", "ia", "online"]
+AdjustMode = Literal["none", "ia", "online", "local"]
+ADJUST_MODES: tuple[AdjustMode, ...] = ("none", "ia", "online", "local")
 OutputFormat = Literal["png", "json", "overlay"]
 TEMPERATURE_RANGE = (0.05, 20.0)  # IA logit temperature a request may ask for (inclusive)
 TAU_RANGE = (0.0, 4.0)  # strengths of the prior terms a request may ask for (inclusive)
 TOKEN_ENV = "LABELSHIFT_SERVE_TOKEN"
+REJECTION_HEADROOM = 32  # requests a replica takes beyond its admission limit, to answer them the JSON 503
 
 
 class OnlineSettings(StrictModel):
@@ -37,9 +39,13 @@ class OnlineSettings(StrictModel):
 class ServeSettings(StrictModel):
     """The server: which bundle (and sweep overrides file), input limits, batching and back-pressure.
 
-    ``max_ongoing_requests`` (per replica) must be at least ``max_batch_size``, or batches never fill;
-    ``max_queued_requests`` bounds the queue in front of the replicas (-1: unbounded), beyond it Serve answers
-    503. ``default_adjust`` None: ``ia`` for an adapted model, ``none`` for a prior-corrected one.
+    Back-pressure is the replica's own admission (:class:`labelshift.serving.admission.Admission`), so that
+    overload answers the JSON 503 (Serve's own 503 is plain text): a replica works on at most
+    ``max_ongoing_requests`` segment requests at once (reading, decoding, batching; at least ``max_batch_size``,
+    or batches never fill), holds at most ``max_queued_requests`` more waiting (-1: unbounded), and answers the
+    next one 503 at once, before reading its body. Serve's own limits (:meth:`serve_options`) sit above these
+    (``REJECTION_HEADROOM``), so rejected requests reach the replica; Serve's queue is only a backstop.
+    ``default_adjust`` None: ``ia`` for an adapted model, ``none`` for a prior-corrected one.
     """
 
     bundle: str
@@ -73,6 +79,21 @@ class ServeSettings(StrictModel):
     def limits(self) -> ImageLimits:
         return ImageLimits(self.max_bytes, self.max_pixels)
 
+    @property
+    def admission_limit(self) -> int | None:
+        """Segment requests a replica holds (working + waiting) before it answers 503; None: no limit."""
+        return None if self.max_queued_requests == -1 else self.max_ongoing_requests + self.max_queued_requests
+
+    def serve_options(self) -> dict[str, int]:
+        """Serve's ``max_ongoing_requests`` / ``max_queued_requests`` for the deployment: above the replica's
+        admission limit, so requests beyond it reach the replica and get the JSON 503. (Serve's router counts a
+        request as queued until it picks a replica, so a burst of concurrent requests passes a small Serve queue
+        limit even while the replicas have room: its plain-text 503 then.)"""
+        if self.admission_limit is None:
+            return {"max_ongoing_requests": self.max_ongoing_requests + REJECTION_HEADROOM, "max_queued_requests": -1}
+        backstop = self.admission_limit + REJECTION_HEADROOM
+        return {"max_ongoing_requests": backstop, "max_queued_requests": backstop}
+
 
 class AdjustUpdate(StrictModel):
     """IA settings a running server may change (``None`` keeps the current value)."""
@@ -97,7 +118,8 @@ class ParameterError(ValueError):
 
 @dataclass(frozen=True)
 class SegmentOptions:
-    """One request's settings: the adjustment and, for IA, optional overrides of the bundle's IA settings."""
+    """One request's settings: the adjustment (``local``: a prior per image, shrunk toward the target prior; no
+    state) and, for IA, optional overrides of the bundle's IA settings."""
 
     adjust: AdjustMode
     temperature: float | None = None
@@ -110,5 +132,5 @@ class SegmentOptions:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and low <= value <= high):
                 raise ParameterError(f"{name} must be in [{low}, {high}], got {value}")
-        if self.adjust not in ("none", "ia", "online"):
-            raise ParameterError(f"adjust must be one of none, ia, online; got {self.adjust!r}")
+        if self.adjust not in ADJUST_MODES:
+            raise ParameterError(f"adjust must be one of {', '.join(ADJUST_MODES)}; got {self.adjust!r}")

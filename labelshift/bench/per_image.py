@@ -1,0 +1,169 @@
+"""Benchmark of per-image priors and of the dataset-level estimate across world seeds (issue 15).
+
+Per world seed (each its own world and source model, the demo recipe; seed 0 reuses the demo's stages when
+``--seed0-stages`` holds them) the job's ``pretrain``, ``estimate`` and ``evaluate_adapted`` stages run once
+(in-process, CPU) under ``<out>/seed<N>/world``; the target-val and selection-split logits are then cached at
+the model's output stride in float16 (``labelshift.logit_cache``; ``<out>/seed<N>/cache_<split>.pt``) and every
+measurement reuses them. IA is applied at the stride and upsampled exactly (as a Tune trial does).
+
+Parts: (0) per estimator over every seed: prior L1, log-ratio error, IA mIoU and share of the oracle gain;
+(1) ceilings on target val: none, IA with the dataset oracle, with each image's own oracle prior, and that
+shrunk toward the dataset oracle; (2) per-image estimators (``map_em`` over κ, ``map_count``), their safety
+counts and cost per image; (3) the setting chosen on the selection split, reported on target val against global
+IA with the same dataset estimate; (digits) the same ceilings and MAP-EM on small target batches.
+
+``python -m labelshift.bench.per_image [--world-seeds 0,1,2,3,4] [--local-seeds 0,1,2] [--out DIR]``; prints
+markdown, writes ``<out>/per_image_benchmark.{md,json}`` and ends with one JSON line. Training and caching are
+done once per seed; the rest takes a few minutes on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from labelshift.adjust import LocalIA, ia_transform
+from labelshift.artifacts import (NO_ADJUST, estimate_name, evaluation_key, ia_name, oracle_name, read_calibration,
+                                  read_priors, source_priors_from)
+from labelshift.atomic import write_json_atomic, write_text_atomic
+from labelshift.calibrate import Calibration
+from labelshift.config import AdjustConfig
+from labelshift.config.sections import LocalAdjustConfig
+from labelshift.logit_cache import LogitCache
+from labelshift.priors import ClassPrior, SourcePriors, floor_probabilities, prior_l1
+
+CACHED_SPLITS = ("target_val", "target_select")
+SHRINK_STRENGTHS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9)  # λ of (1 − λ)·q_image + λ·π_dataset
+KAPPAS = (0.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0, math.inf)  # with effective_pixels = 1000
+
+
+@dataclass
+class SeedRun:
+    """One world seed: its config, estimate outputs and cached logits."""
+
+    seed: int
+    stages: Path
+    priors: dict[str, ClassPrior]
+    calibration: Calibration
+    caches: dict[str, LogitCache]
+
+    @property
+    def source(self) -> SourcePriors:
+        return source_priors_from(self.priors)
+
+    def estimate(self, method: str) -> ClassPrior:
+        return self.priors[estimate_name(method)]
+
+
+# ------------------------------------------------------------------------------------------- preparation
+def seed_config(config: str, out: Path, seed: int, seed0_stages: Path | None):
+    """(config, stages dir) of world ``seed``: the demo's own for seed 0 when ``seed0_stages`` is complete,
+    else the bench's world under ``<out>/seed<N>`` (:func:`labelshift.bench.priors.world_config`)."""
+    from labelshift.bench.priors import world_config
+    from labelshift.config import load_config
+
+    if seed == 0 and seed0_stages is not None and (seed0_stages / "evaluate_adapted" / "manifest.json").is_file():
+        return load_config(config), seed0_stages
+    cfg = world_config(config, out / f"seed{seed}", [f"data.world.seed={seed}"])
+    return cfg, Path(cfg.output_dir) / "stages"
+
+
+def train_seed(config: str, out: Path, seed: int, log: Callable[[str], None]) -> None:
+    """The job's pretrain, estimate and evaluate_adapted stages for world ``seed`` (skipped when complete)."""
+    from labelshift.bench.priors import run_world
+
+    run_world(config, out / f"seed{seed}", [f"data.world.seed={seed}"], log=log)
+
+
+def selection_config(cfg):
+    """``cfg`` with ``data.target_select`` = the world's ``splits/select.txt`` of target train (unless set)."""
+    if cfg.data.target_select is not None:
+        return cfg
+    select = cfg.data.target.model_copy(update={"list_file": "splits/select.txt"})
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"target_select": select})})
+
+
+def cached_logits(cfg, model_path: Path, split: str, path: Path) -> LogitCache:
+    """The split's logit cache, built once (one forward pass) and stored at ``path``."""
+    if path.is_file():
+        state = torch.load(path, weights_only=False)
+        return LogitCache(**state)
+    from labelshift.build import build_model, class_set_of, eval_loader
+    from labelshift.logit_cache import build_logit_cache
+
+    model = build_model(cfg, model_path).eval()
+    cache = build_logit_cache(model, eval_loader(cfg, split), class_set_of(cfg).num_classes,
+                              device=torch.device("cpu"))
+    state = {"logits": cache.logits, "labels": cache.labels, "names": cache.names,
+             "num_classes": cache.num_classes, "align_corners": cache.align_corners,
+             "block_counts": cache.block_counts, "scale_exponents": cache.scale_exponents}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    return cache
+
+
+def prepare_seed(config: str, out: Path, seed: int, seed0_stages: Path | None,
+                 log: Callable[[str], None]) -> SeedRun:
+    """Train (once), estimate (once) and cache the logits (once) of world ``seed``."""
+    cfg, stages = seed_config(config, out, seed, seed0_stages)
+    if not (stages / "evaluate_adapted" / "manifest.json").is_file():
+        train_seed(config, out, seed, log)
+    cfg = selection_config(cfg)
+    model_path = stages / "pretrain" / "model.safetensors"
+    caches = {split: cached_logits(cfg, model_path, split, out / f"seed{seed}" / f"cache_{split}.pt")
+              for split in CACHED_SPLITS}
+    estimate_dir = stages / "estimate"
+    return SeedRun(seed, stages, read_priors(estimate_dir), read_calibration(estimate_dir), caches)
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+def stacked_logits(cache: LogitCache) -> torch.Tensor:
+    """(N, K, h, w) float32 logits of a cache whose images share one grid."""
+    return torch.stack([cache.low_res(index) for index in range(len(cache))])
+
+
+def miou_with_rows(cache: LogitCache, adjust_row: Callable[[int, torch.Tensor], torch.Tensor] | None) -> float:
+    """Target mIoU (percent) of ``adjust_row(index, logits (1, K, h, w))`` per image (None: raw logits)."""
+    matrix = cache.empty_matrix()
+    for index in range(len(cache)):
+        logits = cache.low_res(index)[None]
+        adjusted = logits if adjust_row is None else adjust_row(index, logits)
+        cache.add_image(matrix, adjusted[0], index)
+    return 100.0 * cache.as_confusion(matrix).miou()
+
+
+def miou_with_priors(cache: LogitCache, transform: LocalIA, image_priors: torch.Tensor) -> float:
+    """mIoU (percent) of IA toward the given per-image priors (N, K), the transform's source and settings."""
+    from labelshift.estimate.per_image import ImagePriors
+
+    def adjust_row(index: int, logits: torch.Tensor) -> torch.Tensor:
+        row = ImagePriors(image_priors[index: index + 1], *(torch.zeros(1, dtype=dtype)
+                                                          for dtype in (torch.int64, torch.bool, torch.int64)))
+        return transform.apply(logits, row)
+    return miou_with_rows(cache, adjust_row)
+
+
+def image_label_priors(cache: LogitCache) -> torch.Tensor:
+    """(N, K) float64: each image's own label pixel prior (the per-image oracle), floored."""
+    rows = []
+    for label in cache.labels:
+        values = np.asarray(label).reshape(-1)
+        counts = np.bincount(values[values < cache.num_classes], minlength=cache.num_classes)
+        rows.append(counts)
+    return torch.from_numpy(floor_probabilities(np.stack(rows).astype(np.float64), warn=False))
+
+
+def local_transform(run: SeedRun, centre: ClassPrior, **local: Any) -> LocalIA:
+    """The library's local IA (``ia_transform`` with ``adjust.mode: local``) centred on ``centre``."""
+    adjust = AdjustConfig(mode="local", local=LocalAdjustConfig(**local))
+    return ia_transform(adjust, run.source, centre, run.calibration)

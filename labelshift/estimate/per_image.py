@@ -1,0 +1,219 @@
+"""Per-image target priors, shrunk toward the dataset's: what ``adjust.mode: local`` adjusts each image with.
+
+A street image's class mix differs far more from the dataset's than the dataset's from the source's; an image's
+own prior q_i, estimated from its pixel posteriors without labels, is shrunk toward the dataset prior π̂ (the
+configured target estimate, e.g. ``em``). Everything here is batched over images, runs on the logits' device
+and is stateless: an image's prior depends on that image alone (its pixels are read on a regular grid), so a
+batch of 1 and a batch of 8 give the same priors, and a Serve request needs nothing but the bundle.
+
+Estimators (``adjust.local.estimator``):
+
+- ``map_em``: MAP-EM (Saerens et al. 2002 with a Dirichlet prior of concentration κ centred on π̂). The image
+  weighs ``effective_pixels`` = n_eff pixels (its pixels are strongly correlated, so not their count); the
+  fixed point is ``q = (n_eff·mean_x r_x(q) + κ·π̂) / (n_eff + κ)`` with the responsibilities
+  ``r_x(q) ∝ p(y|x)·q/π_post``. κ = inf gives π̂ exactly (global IA); κ = 0 plain per-image EM.
+- ``map_count``: the image's argmax histogram after global IA (with π̂), shrunk the same way (one hard step).
+
+Safety: every class keeps at least ``floor``·π̂_c (then renormalised), and an image whose EM has not converged
+after ``max_iter`` iterations uses π̂; both are counted in :class:`ImagePriors`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    """The settings of one per-image estimate (the fields of ``labelshift.config.sections.LocalAdjustConfig``)."""
+
+    estimator: str = "map_em"
+    kappa: float = 1000.0
+    effective_pixels: float = 1000.0
+    sample_pixels: int = 4096
+    posteriors: str = "calibrated"
+    floor: float = 0.01
+    max_iter: int = 200
+    tol: float = 1e-6
+
+    @classmethod
+    def of(cls, local: Any) -> LocalSettings:
+        """From a ``LocalAdjustConfig`` (or anything with these attributes)."""
+        return local if isinstance(local, cls) else cls(**{name: getattr(local, name)
+                                                            for name in cls.__dataclass_fields__})
+
+    @property
+    def shrinkage(self) -> float:
+        """λ = κ / (κ + n_eff): the weight of the dataset prior in the MAP fixed point (1 for κ = inf)."""
+        return 1.0 if math.isinf(self.kappa) else self.kappa / (self.kappa + self.effective_pixels)
+
+
+@dataclass
+class ImagePriors:
+    """The per-image priors of a batch and how they were reached.
+
+    probs: (N, K) float64 (on the logits' device), each row a floored probability vector; iterations: (N,)
+    int64 (0 for a closed form); fallback: (N,) bool, EM not converged so the dataset prior was used;
+    floored: (N,) int64, classes raised to the floor.
+    """
+
+    probs: torch.Tensor
+    iterations: torch.Tensor
+    fallback: torch.Tensor
+    floored: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.probs.shape[0]
+
+    def row(self, index: int) -> ImagePriors:
+        """The priors of image ``index`` alone (a batch of one)."""
+        return ImagePriors(*(part[index: index + 1] for part in
+                             (self.probs, self.iterations, self.fallback, self.floored)))
+
+    def counts(self) -> dict[str, int]:
+        """Safety counts of the batch: images, images that fell back to the dataset prior, images with a floored
+        class, floored (image, class) pairs."""
+        return {"images": len(self), "fallback_images": int(self.fallback.sum()),
+                "floored_images": int((self.floored > 0).sum()), "floored_classes": int(self.floored.sum())}
+
+    def record(self, index: int) -> dict[str, Any]:
+        """A JSON-ready record of image ``index``: its prior and diagnostics."""
+        return {"prior": self.probs[index].cpu().tolist(), "iterations": int(self.iterations[index]),
+                "fallback": bool(self.fallback[index]), "floored_classes": int(self.floored[index])}
+
+
+def grid_pixels(tensor: torch.Tensor, max_pixels: int) -> torch.Tensor:
+    """(N, K, H, W) -> (N, K, M): the pixels of a regular grid (stride s = ceil(sqrt(H·W / max_pixels)), offset
+    s // 2), M ≤ ``max_pixels`` up to rounding. The same pixels for an image whatever its batch."""
+    height, width = tensor.shape[-2:]
+    stride = max(1, math.ceil(math.sqrt(height * width / max(int(max_pixels), 1))))
+    offset = stride // 2
+    return tensor[:, :, offset::stride, offset::stride].flatten(2)
+
+
+def _as_rows(prior: Any, num_classes: int, device: torch.device, role: str) -> torch.Tensor:
+    """A (K,) prior (ClassPrior, array, tensor) -> (1, K) float64 on ``device``."""
+    values = getattr(prior, "probs", prior)
+    values = values.detach().cpu().numpy() if torch.is_tensor(values) else np.array(values, dtype=np.float64)
+    if values.shape != (num_classes,):
+        raise ValueError(f"{role} must have shape ({num_classes},), got {values.shape}")
+    return torch.as_tensor(values, dtype=torch.float64, device=device)[None]
+
+
+def map_em(posteriors: torch.Tensor, posterior_prior: Any, dataset_prior: Any, *, kappa: float,
+           effective_pixels: float, max_iter: int = 200, tol: float = 1e-6,
+           init: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batched MAP-EM: per image, q = (n_eff·mean_x r_x(q) + κ·π̂) / (n_eff + κ), r_x(q) ∝ p(y|x)·q/π_post.
+
+    posteriors: (N, K, M) pixel posteriors p(y|x) (softmax over K), holding under ``posterior_prior`` (K,)
+    (π_post: the calibrated source prior for calibrated posteriors); dataset_prior: (K,) π̂, the Dirichlet's
+    centre and the starting point (``init`` (K,) or (N, K) overrides the start). κ = inf returns π̂ at once.
+    Each image iterates until the L1 change of its q is below ``tol`` (then it stops, independently of the
+    others). Returns (q (N, K) float64, iterations (N,) int64, converged (N,) bool).
+    """
+    num_images, num_classes = posteriors.shape[:2]
+    device = posteriors.device
+    centre = _as_rows(dataset_prior, num_classes, device, "dataset_prior")
+    if math.isinf(kappa):
+        return (centre.expand(num_images, -1).clone(), torch.zeros(num_images, dtype=torch.int64, device=device),
+                torch.ones(num_images, dtype=torch.bool, device=device))
+    probs = posteriors.to(torch.float64)
+    inverse_posterior_prior = 1.0 / _as_rows(posterior_prior, num_classes, device, "posterior_prior")
+    if init is None:
+        estimate = centre.expand(num_images, -1).clone()
+    else:
+        estimate = torch.as_tensor(np.asarray(init, dtype=np.float64), device=device).expand(num_images, -1).clone()
+    data_weight = effective_pixels / (effective_pixels + kappa)
+    prior_part = (1.0 - data_weight) * centre
+    iterations = torch.zeros(num_images, dtype=torch.int64, device=device)
+    active = torch.ones(num_images, dtype=torch.bool, device=device)
+    for _ in range(max_iter):
+        rows = active.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            break
+        ratio = estimate[rows] * inverse_posterior_prior  # (A, K)
+        normaliser = (probs[rows] * ratio[:, :, None]).sum(1).clamp_min(torch.finfo(torch.float64).tiny)  # (A, M)
+        responsibility = ratio * (probs[rows] / normaliser[:, None, :]).mean(2)  # (A, K)
+        updated = data_weight * responsibility + prior_part
+        change = (updated - estimate[rows]).abs().sum(1)
+        estimate[rows] = updated
+        iterations[rows] += 1
+        active[rows[change < tol]] = False
+    return estimate, iterations, ~active
+
+
+def map_count(adjusted_logits: torch.Tensor, dataset_prior: Any, *, kappa: float,
+              effective_pixels: float) -> torch.Tensor:
+    """The image's argmax histogram (of logits already adjusted toward π̂: (N, K, M)), shrunk toward π̂ like the
+    MAP fixed point: (n_eff·histogram/M + κ·π̂) / (n_eff + κ). Returns (N, K) float64."""
+    num_images, num_classes, num_pixels = adjusted_logits.shape
+    device = adjusted_logits.device
+    centre = _as_rows(dataset_prior, num_classes, device, "dataset_prior")
+    if math.isinf(kappa):
+        return centre.expand(num_images, -1).clone()
+    winners = adjusted_logits.argmax(1)  # (N, M)
+    offsets = torch.arange(num_images, device=device)[:, None] * num_classes
+    histogram = torch.bincount((winners + offsets).flatten(), minlength=num_images * num_classes)
+    shares = histogram.view(num_images, num_classes).to(torch.float64) / num_pixels
+    data_weight = effective_pixels / (effective_pixels + kappa)
+    return data_weight * shares + (1.0 - data_weight) * centre
+
+
+def floor_rows(probs: torch.Tensor, dataset_prior: Any, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raise q_c below ``floor``·π̂_c to it and renormalise the rows that changed; (N, K) -> (q, floored (N,))."""
+    centre = _as_rows(dataset_prior, probs.shape[1], probs.device, "dataset_prior")
+    minimum = floor * centre
+    low = probs < minimum
+    floored = low.sum(1)
+    if floor <= 0 or not bool(low.any()):
+        return probs, floored
+    raised = torch.where(low, minimum, probs)
+    changed = floored > 0
+    probs = torch.where(changed[:, None], raised / raised.sum(1, keepdim=True), probs)
+    return probs, floored
+
+
+def estimate_image_priors(logits: torch.Tensor, settings: LocalSettings, *, dataset_prior: Any,
+                          posterior_prior: Any, calibrate: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                          adjust_global: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ImagePriors:
+    """Per-image priors of a batch of raw logits (N, K, H, W) (any resolution: the model's output grid, the
+    input or the label size; ``settings.sample_pixels`` of a regular grid are read).
+
+    ``posterior_prior``: the prior the posteriors hold under (the calibrated source prior when
+    ``settings.posteriors == "calibrated"``, else the source pixel prior); ``calibrate``: raw logits -> calibrated
+    logits (required for calibrated posteriors); ``adjust_global``: global IA toward π̂ (``map_count`` only).
+    """
+    grid = grid_pixels(logits, settings.sample_pixels)  # (N, K, M)
+    device, num_images = logits.device, logits.shape[0]
+    iterations = torch.zeros(num_images, dtype=torch.int64, device=device)
+    converged = torch.ones(num_images, dtype=torch.bool, device=device)
+    if settings.estimator == "map_em":
+        if settings.posteriors == "calibrated":
+            if calibrate is None:
+                raise ValueError("per-image priors on calibrated posteriors need the calibration")
+            grid = calibrate(grid)
+        probs, iterations, converged = map_em(
+            grid.softmax(1), posterior_prior, dataset_prior, kappa=settings.kappa,
+            effective_pixels=settings.effective_pixels, max_iter=settings.max_iter, tol=settings.tol)
+    elif settings.estimator == "map_count":
+        if adjust_global is None:
+            raise ValueError("map_count needs the global IA transform (adjust_global)")
+        probs = map_count(adjust_global(grid), dataset_prior, kappa=settings.kappa,
+                          effective_pixels=settings.effective_pixels)
+    else:
+        raise ValueError(f"unknown per-image estimator {settings.estimator!r}; known: map_em, map_count")
+    centre = _as_rows(dataset_prior, probs.shape[1], device, "dataset_prior")
+    fallback = ~converged
+    probs = torch.where(fallback[:, None], centre, probs)
+    probs, floored = floor_rows(probs, dataset_prior, settings.floor)
+    return ImagePriors(probs, iterations, fallback, floored)
+
+
+def summarise_counts(counts: Sequence[dict[str, int]]) -> dict[str, int]:
+    """The sum of several :meth:`ImagePriors.counts`."""
+    keys = ("images", "fallback_images", "floored_images", "floored_classes")
+    return {key: int(sum(count.get(key, 0) for count in counts)) for key in keys}

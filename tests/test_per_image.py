@@ -1,0 +1,128 @@
+"""Per-image priors (``adjust.mode: local``): MAP-EM on synthetic posteriors with planted priors, its limits
+(κ → ∞ is global IA, κ → 0 plain per-image EM), batch independence, the safety counts, and the mode wired into
+``labelshift evaluate`` and the job's evaluation and pseudo-label stages on the tiny world."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from labelshift.adjust import LocalIA, ia_transform
+from labelshift.calibrate import Calibration
+from labelshift.config import AdjustConfig
+from labelshift.config.sections import LocalAdjustConfig
+from labelshift.estimate import em_label_shift
+from labelshift.estimate.per_image import grid_pixels, map_em
+from labelshift.priors import ClassPrior, SourcePriors
+
+CLASSES = ("a", "b", "c", "d")
+SOURCE = np.array([0.4, 0.3, 0.2, 0.1])
+MEANS = np.array([-3.0, -1.0, 1.0, 3.0])  # class-conditional N(mean, 1) on a line: overlapping neighbours
+
+
+def planted_posteriors(priors: np.ndarray, pixels: int, seed: int = 0) -> torch.Tensor:
+    """(N, K, pixels) exact source posteriors p_s(y|x) of points x drawn per image from Σ_y q_i(y)·N(μ_y, 1)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for prior in priors:
+        labels = rng.choice(len(prior), size=pixels, p=prior)
+        points = rng.normal(MEANS[labels], 1.0)
+        log_joint = -0.5 * (points[None, :] - MEANS[:, None]) ** 2 + np.log(SOURCE)[:, None]  # (K, pixels)
+        rows.append(torch.from_numpy(log_joint).softmax(0))
+    return torch.stack(rows)
+
+
+def local_adjust(**local) -> AdjustConfig:
+    return AdjustConfig(mode="local", local=LocalAdjustConfig(**local))
+
+
+def test_map_em_recovers_planted_per_image_priors_and_shrinks_toward_the_dataset_prior():
+    planted = np.array([[0.7, 0.2, 0.05, 0.05], [0.05, 0.05, 0.2, 0.7], [0.25, 0.25, 0.25, 0.25]])
+    posteriors = planted_posteriors(planted, 5000)
+    dataset = planted.mean(0)
+    free, iterations, converged = map_em(posteriors, SOURCE, dataset, kappa=0.0, effective_pixels=1000,
+                                         max_iter=2000, tol=1e-7)
+    assert converged.all() and (iterations > 1).all()
+    errors = np.abs(free.numpy() - planted).sum(1)
+    assert errors.max() < 0.06, errors  # the data's own prior, without labels
+    assert np.abs(dataset - planted).sum(1)[:2].min() > 0.5  # while the dataset prior is far from two of them
+    shrunk, _, _ = map_em(posteriors, SOURCE, dataset, kappa=1000.0, effective_pixels=1000, max_iter=2000, tol=1e-7)
+    # the MAP fixed point with λ = κ/(κ + n_eff) = 1/2 lies between the image's estimate and the dataset prior
+    distance_to_dataset = np.abs(shrunk.numpy() - dataset).sum(1)
+    assert (distance_to_dataset < np.abs(free.numpy() - dataset).sum(1) * 0.75).all()
+    assert (np.abs(shrunk.numpy() - planted).sum(1) < 0.6 * np.abs(dataset - planted).sum(1)).all()
+
+
+@pytest.fixture
+def ia_inputs():
+    source = ClassPrior(CLASSES, SOURCE, "pixel")
+    calibrated = ClassPrior(CLASSES, [0.35, 0.3, 0.2, 0.15], "pixel")
+    target = ClassPrior(CLASSES, [0.1, 0.2, 0.3, 0.4], "pixel")
+    calibration = Calibration(1.4, np.array([0.2, -0.1, 0.0, -0.1]), "bcts")
+    logits = torch.randn(8, len(CLASSES), 24, 40, generator=torch.Generator().manual_seed(3)) * 3
+    return SourcePriors(source, source, calibrated), target, calibration, logits
+
+
+def test_infinite_kappa_is_global_ia_exactly(ia_inputs):
+    source, target, calibration, logits = ia_inputs
+    for space in ("raw", "calibrated"):
+        global_ia = ia_transform(AdjustConfig(space=space, temperature=0.8), source, target, calibration)
+        local = ia_transform(local_adjust(kappa=math.inf).model_copy(update={"space": space, "temperature": 0.8}),
+                             source, target, calibration)
+        assert isinstance(local, LocalIA) and not isinstance(global_ia, LocalIA)
+        assert torch.equal(local(logits), global_ia(logits))
+
+
+def test_zero_kappa_is_plain_per_image_em(ia_inputs):
+    source, target, calibration, logits = ia_inputs
+    local = ia_transform(local_adjust(kappa=0.0, floor=0.0, tol=1e-10, max_iter=5000, sample_pixels=240),
+                         source, target, calibration)
+    priors = local.image_priors(logits)
+    assert not priors.fallback.any()
+    posteriors = grid_pixels(calibration.apply(logits), 240).softmax(1)  # (N, K, M) the same grid
+    for image in range(len(logits)):
+        expected, _, converged = em_label_shift(posteriors[image].T.double().numpy(), source.calibrated.probs,
+                                                init=target.probs, tol=1e-10, max_iter=5000)
+        assert converged
+        np.testing.assert_allclose(priors.probs[image].numpy(), expected, atol=1e-7)
+    assert np.abs(priors.probs.numpy() - target.probs).sum(1).min() > 0.05  # each image moved off the centre
+
+
+def test_local_outputs_do_not_depend_on_the_batch(ia_inputs):
+    source, target, calibration, logits = ia_inputs
+    for estimator in ("map_em", "map_count"):
+        local = ia_transform(local_adjust(estimator=estimator, kappa=300.0), source, target, calibration)
+        together = local(logits)
+        one_by_one = torch.cat([local(logits[index: index + 1]) for index in range(len(logits))])
+        assert torch.equal(together, one_by_one)
+        assert not torch.equal(together, ia_transform(AdjustConfig(), source, target, calibration)(logits))
+
+
+def test_floor_and_fallback_are_applied_and_counted(ia_inputs):
+    source, target, calibration, logits = ia_inputs
+    unconverged = ia_transform(local_adjust(kappa=0.0, max_iter=2, tol=1e-12), source, target, calibration)
+    priors = unconverged.image_priors(logits)
+    assert priors.counts()["fallback_images"] == len(logits)
+    assert torch.equal(unconverged(logits), ia_transform(AdjustConfig(), source, target, calibration)(logits))
+    floored = ia_transform(local_adjust(kappa=0.0, floor=0.5, max_iter=5000), source, target, calibration)
+    priors = floored.image_priors(logits)
+    counts = priors.counts()
+    assert counts["fallback_images"] == 0 and counts["floored_classes"] > 0
+    assert counts["floored_classes"] == int(priors.floored.sum())
+    ratio = priors.probs.numpy() / target.probs
+    assert ratio.min() >= 0.5 * 0.99  # raised to half the dataset prior, then renormalised (sum ≤ 1/(1 − ...))
+    record = priors.record(0)
+    assert len(record["prior"]) == len(CLASSES) and math.isclose(sum(record["prior"]), 1.0)
+
+
+def test_local_mode_needs_a_pixel_prior_and_the_calibration(ia_inputs):
+    source, target, calibration, _ = ia_inputs
+    image_target = ClassPrior(CLASSES, [0.2, 0.3, 0.3, 0.2], "image")
+    with pytest.raises(ValueError, match="needs a pixel target prior"):
+        ia_transform(local_adjust(), source, image_target, calibration)
+    with pytest.raises(ValueError, match="needs the calibration"):
+        ia_transform(local_adjust(), source, target, None)
+    assert isinstance(ia_transform(local_adjust(posteriors="raw"), source, target, None), LocalIA)
