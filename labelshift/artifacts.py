@@ -25,6 +25,7 @@ CALIBRATION_FILE = "calibration.json"
 CONFUSION_FILE = "confusion.json"  # an evaluation stage's confusion matrices: {evaluation key: (K, K) counts}
 NO_ADJUST = "none"
 ORACLE_IA = "ia_oracle"  # IA with the oracle of the configured target prior's kind (the ceiling)
+LOCAL_IA = "ia_local_target"  # IA with per-image priors shrunk toward the target prior (adjust.mode: local)
 TARGET = "target"
 SOURCE_CALIBRATED = "source_calibrated"
 TRAIN_LOSS = "train_loss"  # a training stage's loss curve on its MLflow run (labelshift.runners.train)

@@ -85,7 +85,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from labelshift.calibrate import Calibration
     from labelshift.config import AdjustConfig, load_config
     from labelshift.inference import evaluate
-    from labelshift.priors import load_prior
+    from labelshift.priors import SourcePriors, load_prior
 
     cfg = load_config(args.config, args.overrides)
     class_set = class_set_of(cfg)
@@ -93,18 +93,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     transform = None
     priors = {}
     adjust = None
-    if args.adjust == "ia":
+    if args.adjust in ("ia", "local"):
         if not (args.source_prior and args.target_prior):
-            raise UsageError("--adjust ia needs --source-prior and --target-prior (preset names or JSON files)")
+            raise UsageError(f"--adjust {args.adjust} needs --source-prior and --target-prior (preset names or JSON "
+                             "files)")
+        if args.adjust == "local" and cfg.adjust.local.posteriors == "calibrated" and not args.calibration:
+            raise UsageError("--adjust local estimates each image's prior on calibrated posteriors: it needs "
+                             "--calibration (and --calibrated-source-prior, the *_source_calibrated.json), or "
+                             "adjust.local.posteriors=raw")
         if args.space == "calibrated" and not args.calibration:
             raise UsageError("--space calibrated needs --calibration (the calibration JSON estimate-prior wrote); "
                              "--source-prior is then the prior of the calibrated posteriors (*_source_calibrated.json)")
         priors = {"source_prior": load_prior(args.source_prior, class_set),
                   "target_prior": load_prior(args.target_prior, class_set)}
         adjust = AdjustConfig(space=args.space, temperature=args.temperature, tau_source=args.tau_source,
-                              tau_target=args.tau_target)
+                              tau_target=args.tau_target, mode="local" if args.adjust == "local" else "global",
+                              local=cfg.adjust.local)
         calibration = Calibration.from_dict(json.loads(Path(args.calibration).read_text())) if args.calibration else None
-        transform = ia_transform(adjust, priors["source_prior"], priors["target_prior"], calibration)
+        source = priors["source_prior"]
+        if args.calibrated_source_prior:  # the prior the calibrated posteriors hold under (local mode, calibrated space)
+            priors["calibrated_source_prior"] = load_prior(args.calibrated_source_prior, class_set)
+            source = SourcePriors(source, source, priors["calibrated_source_prior"])
+        transform = ia_transform(adjust, source, priors["target_prior"], calibration)
     model = build_model(cfg, args.checkpoint).to(device).eval()
     matrix = evaluate(model, eval_loader(cfg, args.split), class_set.num_classes, device=device,
                       logit_transforms={args.adjust: transform}, flip=cfg.eval.flip, scales=cfg.eval.scales,
@@ -233,12 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(ev)
     ev.add_argument("--split", default="target_val",
                     choices=("source", "source_val", "target", "target_val", "target_select"))
-    ev.add_argument("--adjust", default="none", choices=("none", "ia"))
+    ev.add_argument("--adjust", default="none", choices=("none", "ia", "local"),
+                    help="local: IA with a prior per image shrunk toward --target-prior (settings: adjust.local.*)")
     ev.add_argument("--space", default="raw", choices=("raw", "calibrated"),
                     help="IA on raw logits (the paper), or in the calibration's space (needs --calibration)")
     ev.add_argument("--calibration", default=None, help="calibration JSON (estimate-prior writes *_calibration.json)")
     ev.add_argument("--source-prior", default=None)
     ev.add_argument("--target-prior", default=None)
+    ev.add_argument("--calibrated-source-prior", default=None,
+                    help="--adjust local/--space calibrated: the prior of the calibrated posteriors "
+                         "(estimate-prior writes *_source_calibrated.json; default: --source-prior)")
     ev.add_argument("--temperature", type=float, default=1.0)
     ev.add_argument("--tau-source", type=float, default=1.0)
     ev.add_argument("--tau-target", type=float, default=1.0)

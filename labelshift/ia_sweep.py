@@ -5,7 +5,9 @@ calibration, the selection split's :class:`~labelshift.logit_cache.LogitCache` a
 posterior) and a setting ``{config path: value}``; :func:`score_setting` applies the setting to the config,
 builds the IA transform with the library's one factory (:func:`labelshift.adjust.ia_transform`) and scores it
 on the cache: the labelled selection mIoU and every label-free objective (:mod:`labelshift.selection`).
-The network never runs in a trial. Ray Tune glue: :mod:`labelshift.runners.tune`.
+The network never runs in a trial. After the trials, :func:`choose_setting` turns them into the choice (the
+``sweep.selection`` rule: top trial, guarded by a paired bootstrap against a fallback setting). Ray Tune glue:
+:mod:`labelshift.runners.tune`.
 """
 from __future__ import annotations
 
@@ -13,20 +15,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from labelshift.adjust import ia_transform
 from labelshift.artifacts import estimate_name, read_calibration, read_priors, source_prior_name, source_priors_from
 from labelshift.calibrate import Calibration
 from labelshift.config import ExperimentConfig, config_from_dict
 from labelshift.logit_cache import LogitCache, LogitTransform
 from labelshift.priors import ClassPrior, SourcePriors, load_prior
-from labelshift.selection import LabelFreeScores, ReferencePosterior, reference_posterior
-from labelshift.config.sweep import LABEL_FREE_OBJECTIVES, SELECT_METRIC, with_setting
+from labelshift.selection import (LabelFreeScores, ReferencePosterior, best_index, paired_bootstrap_wins,
+                                  reference_posterior)
+from labelshift.config.sweep import LABEL_FREE_OBJECTIVES, PAPER_IA_SETTING, SELECT_METRIC, SelectionRule, with_setting
 
 LABEL_FREE_PREFIX = "label_free_"  # trial metric keys of the label-free objectives: label_free_<objective>
 SKIPPED_METRIC = "skipped"  # 1.0 for a setting the library cannot apply (every score NaN: never chosen), else 0.0
-REFERENCE_SETTING: dict[str, Any] = {"adjust.space": "raw", "adjust.mode": "global", "adjust.temperature": 1.0,
-                                     "adjust.tau_source": 1.0, "adjust.tau_target": 1.0,
-                                     "prior.method": "reference"}  # the paper's IA
+REFERENCE_SETTING: dict[str, Any] = PAPER_IA_SETTING  # T = τ = 1 with the reference estimator
 
 
 @dataclass
@@ -127,3 +130,47 @@ def score_setting(inputs: IASweepInputs, setting: dict[str, Any], cache: LogitCa
     if scores is not None:
         metrics.update({LABEL_FREE_PREFIX + name: value for name, value in scores.result().items()})
     return metrics
+
+
+def per_image_confusions(inputs: IASweepInputs, setting: dict[str, Any]) -> np.ndarray:
+    """(N, K, K) int64 confusion [true, predicted] of each selection image under ``setting`` (for the bootstrap
+    of the guarded choice)."""
+    transform, _ = transform_of(inputs, setting)
+    cache = inputs.cache
+    matrices = []
+    for index in range(len(cache)):
+        matrix = cache.empty_matrix()
+        cache.add_image(matrix, transform(cache.low_res(index)[None])[0], index)
+        matrices.append(matrix.T.numpy())
+    return np.stack(matrices)
+
+
+def ranking_score(metrics: dict[str, float], rule: SelectionRule, label_free_objective: str) -> float:
+    """What ``rule`` ranks trials by: the selection mIoU, or (``combined``) its mean with the label-free
+    objective (both mIoU in percent)."""
+    if rule.objective == "labelled":
+        return metrics[SELECT_METRIC]
+    return 0.5 * (metrics[SELECT_METRIC] + metrics[LABEL_FREE_PREFIX + label_free_objective])
+
+
+def choose_setting(inputs: IASweepInputs, records: list[dict], rule: SelectionRule, label_free_objective: str,
+                   seed: int = 0) -> dict[str, Any]:
+    """The setting an IA sweep chooses from its trials (``{"trial", "setting", "metrics"}`` records): the top
+    trial by :func:`ranking_score`, kept only when it beats ``rule.fallback`` on at least ``rule.guard_level`` of
+    the paired bootstrap resamples of the selection images; else the fallback. Returns ``{"setting",
+    "select_miou", "top": {...}, "guard": {...}}``."""
+    top = records[best_index([ranking_score(r["metrics"], rule, label_free_objective) for r in records])]
+    fallback = dict(rule.fallback)
+    guard: dict[str, Any] = {"level": rule.guard_level, "fallback": fallback, "bootstrap": rule.bootstrap}
+    kept = True
+    if rule.guard_level > 0:
+        wins = paired_bootstrap_wins(per_image_confusions(inputs, top["setting"]),
+                                     per_image_confusions(inputs, fallback), rule.bootstrap, seed)
+        kept = wins >= rule.guard_level
+        guard["top_beats_fallback"] = wins
+    guard["kept_top"] = kept
+    setting = top["setting"] if kept else fallback
+    select = (top["metrics"] if kept else score_setting(inputs, fallback, label_free=False))[SELECT_METRIC]
+    return {"setting": setting, "select_miou": select, "guard": guard,
+            "top": {"trial": top["trial"], "setting": top["setting"], "select_miou": top["metrics"][SELECT_METRIC],
+                    "objective": rule.objective}}

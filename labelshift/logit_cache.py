@@ -11,8 +11,9 @@ applied at the stride, and the argmax of the upsampled logits is computed exactl
   convex combination of them has that argmax too, so the whole block's pixels take it: their confusion is the
   block's label histogram (precomputed once) added to that class's column;
 - only pixels of blocks whose corners disagree are interpolated (PyTorch's bilinear formula and indices), over
-  the classes that can still win in their block; when more than ``MIXED_BLOCKS_FOR_FULL_UPSAMPLING`` of the
-  blocks disagree, the whole map is upsampled instead (then faster).
+  the classes that can still win in their block; when that work (pixels × candidate classes) exceeds
+  ``INTERPOLATION_WORK_FOR_FULL_UPSAMPLING`` of a full upsampling's (pixels × classes), the whole map is
+  upsampled instead (then faster).
 
 Differences from a full evaluation come only from the float16 rounding of the cached logits. Logits beyond
 float16's range (e.g. a randomly initialised DeepLabV2-R101 reaches ~1e5; float16 ends at 65504) are stored
@@ -36,8 +37,10 @@ from labelshift.metrics import ConfusionMatrix
 from labelshift.models import align_corners_of, upsample_logits
 
 LogitTransform = Callable[[torch.Tensor], torch.Tensor]
-# Above this share of blocks whose 4 corners disagree, upsampling the whole map and taking its argmax is faster
-MIXED_BLOCKS_FOR_FULL_UPSAMPLING = 0.2
+# Above this ratio of (mixed-block pixels × their candidate classes) to (all pixels × all classes), upsampling the
+# whole map and taking its argmax is faster (measured on CPU at 2048×1024 from 128×64: crossover 0.11–0.27; a
+# random-weight DeepLabV2-R101's maps need 0.03, 3.4× faster than full upsampling)
+INTERPOLATION_WORK_FOR_FULL_UPSAMPLING = 0.15
 # An image whose largest |logit| exceeds this is stored divided by 2**e so that it does not (float16 max: 65504)
 FLOAT16_LOGIT_LIMIT = 2.0 ** 15
 
@@ -103,26 +106,44 @@ def _block_candidates(cells: torch.Tensor, blocks: torch.Tensor, plan: UpsampleP
     return values, upper.argsort(1, descending=True), (upper >= best_lower).sum(1)
 
 
-def _interpolated_argmax(adjusted: torch.Tensor, plan: UpsamplePlan, pixels: torch.Tensor,
-                         uniform: torch.Tensor) -> torch.Tensor:
-    """Argmax of the bilinearly upsampled ``adjusted`` (K, h, w) at flat output ``pixels`` (M,) of non-uniform
-    blocks -> (M,) classes. Blocks are grouped by their number of candidate classes; each group interpolates
-    only its candidates (PyTorch's formula: rows then columns of the 4 corners)."""
-    cells = adjusted.reshape(adjusted.shape[0], -1).T.contiguous()  # (h·w, K)
-    mixed_blocks = torch.nonzero(~uniform).squeeze(1)
-    position = torch.full((len(uniform),), -1, dtype=torch.int64)
-    position[mixed_blocks] = torch.arange(len(mixed_blocks))
-    corner_values, ranked, candidates = _block_candidates(cells, mixed_blocks, plan)
+@dataclass(frozen=True)
+class MixedBlocks:
+    """The blocks of one adjusted map whose 4 corners disagree: their ids (B,), corner values (B, 4, K), classes
+    ranked by their largest corner value (B, K) and how many of those can win (B,)."""
+
+    blocks: torch.Tensor
+    corner_values: torch.Tensor
+    ranked: torch.Tensor
+    candidates: torch.Tensor
+
+    @classmethod
+    def of(cls, adjusted: torch.Tensor, uniform: torch.Tensor, plan: UpsamplePlan) -> "MixedBlocks":
+        cells = adjusted.reshape(adjusted.shape[0], -1).T.contiguous()  # (h·w, K)
+        blocks = torch.nonzero(~uniform).squeeze(1)
+        return cls(blocks, *_block_candidates(cells, blocks, plan))
+
+    def work_share(self, plan: UpsamplePlan, num_classes: int) -> float:
+        """(pixels × candidate classes) of the interpolation / (pixels × classes) of a full upsampling."""
+        area = torch.from_numpy(plan.block_area)[self.blocks]
+        return float((self.candidates * area).sum()) / (plan.high[0] * plan.high[1] * num_classes)
+
+
+def _interpolated_argmax(mixed: MixedBlocks, plan: UpsamplePlan, pixels: torch.Tensor) -> torch.Tensor:
+    """Argmax of the bilinearly upsampled map at flat output ``pixels`` (M,) of its ``mixed`` blocks -> (M,)
+    classes. Blocks are grouped by their number of candidate classes; each group interpolates only its
+    candidates (PyTorch's formula: rows then columns of the 4 corners)."""
+    position = torch.full((plan.low[0] * plan.low[1],), -1, dtype=torch.int64)
+    position[mixed.blocks] = torch.arange(len(mixed.blocks))
     of_pixel = position[torch.from_numpy(plan.block_of_pixel)[pixels]]
     width = plan.high[1]
     h1 = torch.from_numpy(plan.rows[2])[pixels // width]
     w1 = torch.from_numpy(plan.cols[2])[pixels % width]
     predicted = torch.empty(len(pixels), dtype=torch.int64)
-    count_of_pixel = candidates[of_pixel]
-    for count in torch.unique(candidates).tolist():
+    count_of_pixel = mixed.candidates[of_pixel]
+    for count in torch.unique(mixed.candidates).tolist():
         chosen = torch.nonzero(count_of_pixel == count).squeeze(1)
-        classes = ranked[:, :count]
-        v = corner_values.gather(2, classes[:, None, :].expand(-1, 4, -1)).permute(1, 2, 0)  # (4, C, B)
+        classes = mixed.ranked[:, :count]
+        v = mixed.corner_values.gather(2, classes[:, None, :].expand(-1, 4, -1)).permute(1, 2, 0)  # (4, C, B)
         blocks = of_pixel[chosen]
         v = v[:, :, blocks]  # (4, C, M_count): corners (i0,j0), (i0,j1), (i1,j0), (i1,j1)
         row1, col1 = h1[chosen], w1[chosen]
@@ -203,18 +224,19 @@ class LogitCache:
         argmax = adjusted.argmax(0)
         uniform = _padded_uniform(argmax).reshape(-1)
         labels = torch.from_numpy(np.asarray(self.labels[index]).reshape(-1).astype(np.int64))
-        if float(uniform.float().mean()) < 1 - MIXED_BLOCKS_FOR_FULL_UPSAMPLING:
+        mixed = MixedBlocks.of(adjusted, uniform, plan)
+        if mixed.work_share(plan, self.num_classes) > INTERPOLATION_WORK_FOR_FULL_UPSAMPLING:
             predicted = upsample_logits(adjusted[None], plan.high, align_corners=self.align_corners)[0].argmax(0)
             valid = labels != IGNORE_INDEX
             keys = predicted.reshape(-1)[valid] * self.num_classes + labels[valid]
         else:
             counts = as_tensor(self.block_counts[index])  # read-only arrays from the object store, only read
             matrix.index_add_(0, argmax.reshape(-1)[uniform], counts[uniform])
-            mixed = ~uniform[torch.from_numpy(plan.block_of_pixel)] & (labels != IGNORE_INDEX)
-            pixels = torch.nonzero(mixed).squeeze(1)
+            in_mixed_block = ~uniform[torch.from_numpy(plan.block_of_pixel)] & (labels != IGNORE_INDEX)
+            pixels = torch.nonzero(in_mixed_block).squeeze(1)
             if not len(pixels):
                 return
-            keys = _interpolated_argmax(adjusted, plan, pixels, uniform) * self.num_classes + labels[pixels]
+            keys = _interpolated_argmax(mixed, plan, pixels) * self.num_classes + labels[pixels]
         matrix += torch.bincount(keys, minlength=self.num_classes ** 2).reshape(self.num_classes, -1)
 
 

@@ -1,7 +1,7 @@
 """Charts of a job's results (PNG, matplotlib with the Agg backend, imported lazily): per-class IoU bars with
 deltas, estimated vs oracle priors, a confusion-matrix heatmap, a loss curve; and :func:`stage_plots`, which
 draws the charts of one finished stage from its output directory (what the job logs to each stage's MLflow
-run, under ``<stage>/plots``).
+run, under ``plots/``).
 """
 from __future__ import annotations
 

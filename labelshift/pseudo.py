@@ -33,6 +33,7 @@ the class names, index = trainId). A student trains on the distribution renormal
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,8 @@ import cv2
 import numpy as np
 import torch
 
-from labelshift.atomic import atomic_path
+from labelshift.adjust import LocalIA
+from labelshift.atomic import atomic_path, write_json_atomic
 from labelshift.classes import IGNORE_INDEX, ClassSet
 from labelshift.data.chunks import decode_chunk, plan_chunks
 from labelshift.data.io import write_png_atomic
@@ -53,6 +55,7 @@ SOFT_LABEL_VERSION = 1
 VERSION_KEY, CLASSES_KEY = b"labelshift.soft_labels.version", b"labelshift.soft_labels.classes"
 LABEL_FORMATS = ("trainids", "labelids", "color")
 LABELS, CONFIDENCE, SOFT = "labels", "confidence", "soft"
+IMAGE_PRIORS = "priors"  # adjust.mode local: <stem>.json, the per-image prior the teacher's IA used
 LABEL_MANIFEST = "pseudo.json"  # a labelling pass's manifest, beside its directories
 
 
@@ -136,15 +139,17 @@ class TeacherSettings:
     confidence_dir: str | None = CONFIDENCE
     soft_dir: str | None = SOFT
     logit_transform: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, compare=False)
+    prior_dir: str | None = None  # per-image IA (LocalIA): where each image's prior is recorded
 
     def output_dirs(self) -> list[str]:
         """The directories this pass writes (relative to its root)."""
-        return [d for d in (self.label_dir, self.confidence_dir, self.soft_dir) if d]
+        return [d for d in (self.label_dir, self.confidence_dir, self.soft_dir, self.prior_dir) if d]
 
     def files_of(self, name: str) -> list[str]:
         """The files (relative to the pass's directory) one image gets."""
         files = [f"{self.label_dir}/{name}.png"] if self.label_dir else []
         files += [f"{self.confidence_dir}/{name}.png"] if self.confidence_dir else []
+        files += [f"{self.prior_dir}/{name}.json"] if self.prior_dir else []
         return files + ([f"{self.soft_dir}/{name}.parquet"] if self.soft_dir else [])
 
 
@@ -173,7 +178,8 @@ def teacher_outputs(model: torch.nn.Module, chunk: dict, settings: TeacherSettin
     "failed": chunk's failures}``: label and confidence at each image file's resolution, soft labels at the soft
     grid, all after the logit transform (IA) when one is set.
     """
-    out = {"name": list(chunk["name"]), "label": [], "confidence": [], "soft": [], "failed": chunk["failed"]}
+    out = {"name": list(chunk["name"]), "label": [], "confidence": [], "soft": [], "prior": [],
+           "failed": chunk["failed"]}
     if not out["name"]:
         return out
     images = torch.from_numpy(chunk["image"])
@@ -181,6 +187,10 @@ def teacher_outputs(model: torch.nn.Module, chunk: dict, settings: TeacherSettin
     align, input_size = align_corners_of(model), tuple(images.shape[-2:])
     transform = settings.logit_transform or (lambda logits: logits)
     for row, name in enumerate(out["name"]):
+        if isinstance(settings.logit_transform, LocalIA):  # one prior per image, estimated once at the model grid
+            image_prior = settings.logit_transform.image_priors(grid[row: row + 1])
+            out["prior"].append(image_prior.record(0))
+            transform = functools.partial(settings.logit_transform.apply, priors=image_prior)
         image_size = tuple(int(v) for v in chunk["image_size"][row])
         decide_size = input_size if settings.decide_at == "input" else image_size
         decided = transform(upsample_logits(grid[row: row + 1], decide_size, align_corners=align))
@@ -219,10 +229,15 @@ def write_outputs(out_dir: str | Path, outputs: dict, settings: TeacherSettings)
             write_png_atomic(out_dir / settings.confidence_dir / f"{name}.png", outputs["confidence"][row])
         if settings.label_dir:
             write_png_atomic(out_dir / settings.label_dir / f"{name}.png", _label_image(label, settings))
+        if settings.prior_dir:
+            write_json_atomic(out_dir / settings.prior_dir / f"{name}.json", outputs["prior"][row])
         kept += int(np.count_nonzero(label != IGNORE_INDEX))
         total += label.size
+    priors = outputs.get("prior") or []
     return {"images": len(outputs["name"]), "kept_pixels": kept, "pixels": total,
-            "kept_mass_sum": float(sum(soft.kept_mass for soft in outputs["soft"])), "failed": outputs["failed"]}
+            "kept_mass_sum": float(sum(soft.kept_mass for soft in outputs["soft"])), "failed": outputs["failed"],
+            "prior_fallbacks": sum(record["fallback"] for record in priors),
+            "prior_floored_images": sum(record["floored_classes"] > 0 for record in priors)}
 
 
 def pseudo_settings(cfg, logit_transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TeacherSettings:
@@ -232,7 +247,8 @@ def pseudo_settings(cfg, logit_transform: Callable[[torch.Tensor], torch.Tensor]
     pseudo = cfg.pseudo
     return TeacherSettings(class_set_of(cfg), confidence_threshold=pseudo.confidence_threshold, top_k=pseudo.top_k,
                            soft_grid=pseudo.soft_grid, decide_at=pseudo.decide_at,
-                           soft_dir=SOFT if pseudo.soft else None, logit_transform=logit_transform)
+                           soft_dir=SOFT if pseudo.soft else None, logit_transform=logit_transform,
+                           prior_dir=IMAGE_PRIORS if isinstance(logit_transform, LocalIA) else None)
 
 
 def prediction_settings(class_set: ClassSet, label_format: str,
@@ -269,7 +285,8 @@ def summarise(counts: list[dict]) -> dict:
     failed = sorted((f for c in counts for f in c["failed"]), key=lambda f: f["name"])
     return {"images": images, "failures": len(failed), "failed": failed,
             "kept_pixel_fraction": sum(c["kept_pixels"] for c in counts) / max(sum(c["pixels"] for c in counts), 1),
-            "soft_label_mean_kept_mass": sum(c["kept_mass_sum"] for c in counts) / max(images, 1)}
+            "soft_label_mean_kept_mass": sum(c["kept_mass_sum"] for c in counts) / max(images, 1),
+            **{key: sum(c.get(key, 0) for c in counts) for key in ("prior_fallbacks", "prior_floored_images")}}
 
 
 def label_split(model: torch.nn.Module, dataset, out_dir: str | Path, settings: TeacherSettings, *,
@@ -289,8 +306,9 @@ def label_split(model: torch.nn.Module, dataset, out_dir: str | Path, settings: 
 def write_label_manifest(out_dir: str | Path, cfg, checkpoint: str | Path, counts: dict, settings: TeacherSettings,
                          priors: dict | None = None) -> Path:
     """``<out_dir>/pseudo.json``: the configuration, the teacher checkpoint and its sha256, the priors of its IA
-    (None: raw logits), the settings, the soft-label schema version and the pass's counts and failures."""
-    from labelshift.atomic import write_json_atomic
+    (None: raw logits), the settings, the soft-label schema version and the pass's counts and failures. With
+    per-image IA (``adjust.mode: local``) each image's prior is in ``priors/<stem>.json`` (over the class set's
+    classes, in order) and the counts hold ``prior_fallbacks`` and ``prior_floored_images``."""
     from labelshift.config import dump_config
     from labelshift.models import checkpoint_sha256
 

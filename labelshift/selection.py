@@ -31,14 +31,21 @@ from labelshift.calibrate import Calibration
 from labelshift.logit_cache import LogitCache
 
 
+def miou_of_stack(matrices: np.ndarray) -> np.ndarray:
+    """(..., K, K) confusions [true, predicted] -> (...) mIoU in percent (classes with an empty union left out)."""
+    matrices = np.asarray(matrices, dtype=np.float64)
+    tp = np.diagonal(matrices, axis1=-2, axis2=-1)
+    union = matrices.sum(-1) + matrices.sum(-2) - tp
+    present = union > 0
+    iou = np.where(present, tp / np.where(present, union, 1.0), 0.0)
+    return 100.0 * iou.sum(-1) / np.maximum(present.sum(-1), 1)
+
+
 def miou_of(matrix: np.ndarray) -> float:
     """mIoU in percent of a (K, K) confusion [true, predicted] (counts or soft masses); classes with an empty
-    union are left out."""
+    union are left out (NaN when every class is)."""
     matrix = np.asarray(matrix, dtype=np.float64)
-    tp = np.diag(matrix)
-    union = matrix.sum(0) + matrix.sum(1) - tp
-    present = union > 0
-    return float(100.0 * np.mean(tp[present] / union[present])) if present.any() else float("nan")
+    return float(miou_of_stack(matrix)) if matrix.any() else float("nan")
 
 
 @dataclass
@@ -110,14 +117,29 @@ def best_index(scores: Sequence[float]) -> int:
     return int(np.argmax(values))
 
 
+def paired_bootstrap_wins(candidate: np.ndarray, baseline: np.ndarray, replicates: int, seed: int) -> float:
+    """The share of ``replicates`` bootstrap resamples of the images (the same resample for both) on which
+    ``candidate`` has the higher mIoU. candidate, baseline: (N, K, K) per-image confusions of two settings on the
+    same N images. Ties count as losses (a candidate equal to the baseline never wins)."""
+    candidate, baseline = np.asarray(candidate, np.float64), np.asarray(baseline, np.float64)
+    if candidate.shape != baseline.shape or candidate.ndim != 3:
+        raise ValueError(f"need two (N, K, K) stacks of equal shape, got {candidate.shape} and {baseline.shape}")
+    images = len(candidate)
+    weights = np.random.default_rng(seed).multinomial(images, np.full(images, 1.0 / images), size=replicates)
+    gains = (miou_of_stack(np.einsum("rn,nij->rij", weights, candidate))
+             - miou_of_stack(np.einsum("rn,nij->rij", weights, baseline)))
+    return float(np.mean(gains > 0))
+
+
 def regret_table(trials: Sequence[Mapping[str, float]], labelled: str, objectives: Sequence[str],
-                 evaluation: str) -> dict[str, dict]:
+                 evaluation: str, chosen: int | None = None) -> dict[str, dict]:
     """For each label-free objective: the trial it chooses, whether that differs from the labelled choice, and
     the regret ``evaluation(labelled choice) − evaluation(its choice)`` (e.g. target-val mIoU points).
 
     ``trials``: one mapping per trial holding ``labelled``, each objective and ``evaluation`` (the evaluation
-    only for the chosen trials is enough; others may lack it)."""
-    chosen = best_index([trial[labelled] for trial in trials])
+    only for the chosen trials is enough; others may lack it). ``chosen``: the labelled choice's index when a
+    rule other than the best ``labelled`` score made it (e.g. the guarded choice)."""
+    chosen = best_index([trial[labelled] for trial in trials]) if chosen is None else chosen
     table = {}
     for objective in objectives:
         pick = best_index([trial[objective] for trial in trials])

@@ -88,8 +88,13 @@ def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
     metrics = {"trials": float(summary["trials"]), "chosen.select_miou": summary["chosen"]["select_miou"]}
     if summary["chosen"].get("target_val_miou") is not None:
         metrics["chosen.target_val_miou"] = summary["chosen"]["target_val_miou"]
-    if summary.get("reference"):
-        metrics.update({f"reference.{k}": v for k, v in summary["reference"].items() if isinstance(v, float)})
+    for row in ("reference", "top"):  # the paper's setting; the top trial before the guard (IA)
+        if summary.get(row):
+            metrics.update({f"{row}.{k}": v for k, v in summary[row].items() if isinstance(v, float)})
+    guard = summary["chosen"].get("guard") or {}
+    if "top_beats_fallback" in guard:
+        metrics.update({"guard.top_beats_fallback": guard["top_beats_fallback"],
+                        "guard.kept_top": float(guard["kept_top"])})
     for objective, row in (summary.get("label_free") or {}).items():
         metrics[f"label_free.{objective}.regret"] = row["regret"]
         metrics[f"label_free.{objective}.differs"] = float(row["differs"])

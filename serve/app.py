@@ -3,8 +3,9 @@
     serve run serve/config.yaml          # or: make serve
 
 Endpoints: ``POST /v1/segment`` (raw image body or multipart), ``GET|PUT /v1/priors``, ``GET /healthz``,
-``GET /`` (an upload page), OpenAPI at ``/docs``. Errors are JSON ``{"error": ..., "detail": ...}``. Decoding,
-limits, the maths and the answers live in the library; this module reads HTTP and batches.
+``GET /`` (an upload page), OpenAPI at ``/docs``. Errors are JSON ``{"error": ..., "detail": ...}``, overload
+included (the replica's own admission answers 503 before Serve's plain-text one would). Decoding, limits, the
+maths and the answers live in the library; this module reads HTTP and batches.
 """
 import asyncio
 import json
@@ -131,8 +132,8 @@ class Segmenter:
                                          default_adjust=self.settings.default_adjust, online=self.settings.online)
         self.token = self.settings.token or os.environ.get(TOKEN_ENV) or None
         self.bind_host = _http_bind_host()
-        self.admission = Admission(self.settings.max_ongoing_requests,
-                                   None if self.settings.max_queued_requests == -1 else self.settings.max_queued_requests)
+        queued = self.settings.max_queued_requests
+        self.admission = Admission(self.settings.max_ongoing_requests, None if queued == -1 else queued)
         self._segment_batch.set_max_batch_size(self.settings.max_batch_size)
         self._segment_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
 

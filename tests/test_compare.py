@@ -78,7 +78,7 @@ def test_every_stage_run_logs_its_charts(jobs):
 
     def plots(stage):
         run = _stage_run(jobs, "seed0", stage)
-        return {f.path.rsplit("/", 1)[-1]: f.file_size for f in client.list_artifacts(run.info.run_id, f"{stage}/plots")}
+        return {f.path.rsplit("/", 1)[-1]: f.file_size for f in client.list_artifacts(run.info.run_id, "plots")}
 
     adapted = plots("evaluate_adapted")
     assert {"per_class_iou_target_val.png", "per_class_iou_source_val.png", "confusion_target_val_none.png",
@@ -86,7 +86,7 @@ def test_every_stage_run_logs_its_charts(jobs):
     assert plots("refine").keys() == {"loss_curve.png"}
     assert all(size > 5000 for size in adapted.values())
     run = _stage_run(jobs, "seed0", "refine")
-    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="refine/plots/loss_curve.png",
+    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="plots/loss_curve.png",
                                                 tracking_uri=jobs["store"], dst_path=str(jobs["root"] / "dl"))
     assert open(local, "rb").read(8) == PNG_MAGIC
 

@@ -53,7 +53,8 @@ def test_map_em_recovers_planted_per_image_priors_and_shrinks_toward_the_dataset
     # the MAP fixed point with λ = κ/(κ + n_eff) = 1/2 lies between the image's estimate and the dataset prior
     distance_to_dataset = np.abs(shrunk.numpy() - dataset).sum(1)
     assert (distance_to_dataset < np.abs(free.numpy() - dataset).sum(1) * 0.75).all()
-    assert (np.abs(shrunk.numpy() - planted).sum(1) < 0.6 * np.abs(dataset - planted).sum(1)).all()
+    relative_error = np.abs(shrunk.numpy() - planted).sum(1) / np.abs(dataset - planted).sum(1)
+    assert ((relative_error > 0.3) & (relative_error < 0.7)).all(), relative_error  # about half way
 
 
 @pytest.fixture
@@ -107,13 +108,16 @@ def test_floor_and_fallback_are_applied_and_counted(ia_inputs):
     priors = unconverged.image_priors(logits)
     assert priors.counts()["fallback_images"] == len(logits)
     assert torch.equal(unconverged(logits), ia_transform(AdjustConfig(), source, target, calibration)(logits))
-    floored = ia_transform(local_adjust(kappa=0.0, floor=0.5, max_iter=5000), source, target, calibration)
+    free = ia_transform(local_adjust(kappa=0.0, floor=0.0, max_iter=5000), source, target, calibration)
+    free_ratio = free.image_priors(logits).probs.numpy() / target.probs
+    assert free_ratio.min() < 0.8  # without a floor, per-image EM pushes some classes below 0.9·π̂
+    floored = ia_transform(local_adjust(kappa=0.0, floor=0.9, max_iter=5000), source, target, calibration)
     priors = floored.image_priors(logits)
     counts = priors.counts()
-    assert counts["fallback_images"] == 0 and counts["floored_classes"] > 0
-    assert counts["floored_classes"] == int(priors.floored.sum())
-    ratio = priors.probs.numpy() / target.probs
-    assert ratio.min() >= 0.5 * 0.99  # raised to half the dataset prior, then renormalised (sum ≤ 1/(1 − ...))
+    assert counts["fallback_images"] == 0
+    assert counts["floored_classes"] == int((free_ratio < 0.9).sum()) > 0
+    assert counts["floored_images"] == int((free_ratio < 0.9).any(1).sum())
+    assert (priors.probs.numpy() / target.probs).min() > 0.9 * 0.8  # raised to 0.9·π̂, then renormalised
     record = priors.record(0)
     assert len(record["prior"]) == len(CLASSES) and math.isclose(sum(record["prior"]), 1.0)
 

@@ -95,6 +95,13 @@ def test_the_readme_marks_its_blocks_and_never_runs_the_suite_or_the_demo():
         assert command in text, f"no runnable README block runs {command!r}"
 
 
+def test_the_readme_links_to_files_that_exist():
+    text = README.read_text()
+    targets = {link.split("#")[0] for link in re.findall(r"\]\(([^)\s]+)\)", text) if "://" not in link}
+    assert {"docs/reference.md", "docs/results.md", "docs/fidelity.md"} <= targets
+    assert all((PROJECT / target).exists() for target in targets if target), sorted(targets)
+
+
 def test_the_readmes_runnable_blocks_work_on_the_tiny_world(tiny_trained, tmp_path, monkeypatch):
     if shutil.which("unshare") is None or subprocess.run(NAMESPACES + ["true"], capture_output=True).returncode:
         if os.environ.get("CI") == "true":

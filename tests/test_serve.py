@@ -1,7 +1,8 @@
 """The Ray Serve application over real HTTP on the session's local Ray: endpoints, every bad input with its status,
-a fuzz test, back-pressure, hot-swapped priors (PUT and user_config) without a restart, the token guard, online
-tracking, the served mask against labelshift.inference.predict, a 3-second load smoke and the upload page in
-headless Chromium."""
+a fuzz test, back-pressure (a JSON 503), hot-swapped priors (PUT, and a user_config redeploy in the same replica
+process) without a restart, the token guard, online tracking toward the true prior of a shifted stream,
+per-image priors (adjust=local), the served mask against labelshift.inference.predict, a 3-second load smoke and
+the upload page in headless Chromium."""
 from __future__ import annotations
 
 import base64
@@ -40,6 +41,7 @@ def _ids(png: bytes) -> np.ndarray:
 def server(local_ray, tiny_trained, tmp_path_factory):
     """Three apps on one Serve instance on a free loopback port: ``/`` (adapted bundle, token, online tracking),
     ``/corrected`` (the same weights marked prior-corrected, no token), ``/tight`` (one request at a time)."""
+    from labelshift.artifacts import TARGET
     from labelshift.bench.serve import free_port
     from labelshift.bundle import export_bundle
     from labelshift.calibrate import Calibration
@@ -56,14 +58,14 @@ def server(local_ray, tiny_trained, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = {"num_cpus": 0.25, "max_bytes": MAX_BYTES, "max_pixels": MAX_PIXELS}
     serve.run(make_app({"bundle": str(root / "adapted"), "token": TOKEN, **common,
-                         "online": {"enabled": True, "window_images": 8, "min_images": 2, "update_every": 2}}),
+                         "online": {"enabled": True, "window_images": 8, "min_images": 2, "update_every": 1}}),
               name="main", route_prefix="/")
     serve.run(make_app({"bundle": str(root / "corrected"), **common}), name="corrected", route_prefix="/corrected")
     serve.run(make_app({"bundle": str(root / "adapted"), **common, "max_batch_size": 1, "max_ongoing_requests": 1,
                          "max_queued_requests": 1}), name="tight", route_prefix="/tight")
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
         yield {"client": client, "root": root, "url": f"http://127.0.0.1:{port}", "make_app": make_app,
-               "common": common}
+               "common": common, "bundle_target": tiny_trained.priors()[TARGET].probs.tolist()}
     serve.shutdown()
 
 
@@ -124,6 +126,33 @@ def test_the_served_mask_equals_predict_in_every_format(server, world_image):
     colours = np.asarray(engine.palette, dtype=np.float32)[unadjusted]
     blended = np.rint(0.5 * world_image.astype(np.float32) + 0.5 * colours)
     assert np.array_equal(np.array(Image.open(io.BytesIO(overlay.content))), blended.astype(np.uint8))
+
+
+def test_adjust_local_serves_the_image_own_prior_statelessly(server, world_image):
+    from labelshift.adjust import ia_transform
+    from labelshift.bundle import load_bundle
+    from labelshift.inference import predict
+    from labelshift.serving import SegmentationEngine
+
+    client, body = server["client"], _png(world_image)
+    engine = SegmentationEngine(load_bundle(server["root"] / "corrected"))  # same weights and priors
+    bundle, version = engine.bundle, client.get("/v1/priors").json()["version"]
+    logits = predict(engine.model, engine.image_tensor(world_image)[None], world_image.shape[:2],
+                     device=torch.device("cpu"))
+    local = ia_transform(bundle.adjust.model_copy(update={"mode": "local", "temperature": 1.5}), bundle.source,
+                         bundle.priors["target"], bundle.calibration)
+    priors = local.image_priors(logits)
+    answer = _segment(client, body, adjust="local", temperature=1.5, format="json")
+    document = answer.json()
+    assert answer.status_code == 200 and (document["adjust"], document["prior"]) == ("local", "local, toward target")
+    assert np.array_equal(_ids(base64.b64decode(document["mask_png_base64"])),
+                          local.apply(logits, priors).argmax(1)[0].numpy())
+    assert document["image_prior"]["prior"] == pytest.approx(priors.probs[0].tolist())
+    assert document["image_prior"]["iterations"] == priors.record(0)["iterations"]
+    assert _segment(client, body, adjust="local", temperature=1.5, format="json").json() == document
+    assert client.get("/v1/priors").json()["version"] == version  # nothing kept between requests
+    refused = _segment(client, body, "/corrected/v1/segment", adjust="local")
+    assert (refused.status_code, refused.json()["error"]) == (422, "bad_parameters")
 
 
 def _bomb_header(width: int, height: int) -> bytes:
@@ -265,16 +294,42 @@ def test_a_user_config_change_hot_swaps_priors_in_the_same_replica_process(serve
     serve.delete("swap")
 
 
-def test_online_tracking_reestimates_from_served_images(server, tiny_world):
+def _label_prior(label_paths, rows: slice) -> np.ndarray:
+    """The true pixel prior (K=19) of rows ``rows`` of the world's Cityscapes-layout label maps."""
+    from labelshift.classes import get_class_set
+
+    train_ids = get_class_set("cityscapes19").cityscapes_id_lut()
+    counts = np.zeros(19)
+    for path in label_paths:
+        labels = train_ids[np.array(Image.open(path))][rows]
+        counts += np.bincount(labels[labels < 19].ravel(), minlength=19)
+    return counts / counts.sum()
+
+
+def test_online_tracking_moves_toward_the_true_prior_of_a_shifted_stream(server, tiny_world):
+    """Two planted class-mix shifts (the top third of 8 target images: sky, then their bottom third: road) served
+    over HTTP: after each, the window's EM estimate is much closer to the served pixels' true label prior than the
+    bundle's estimated target prior it starts from, and the shift's dominant class gains what the truth says."""
     client = server["client"]
-    images = sorted((tiny_world / "cityscapes" / "leftImg8bit" / "train").rglob("*.png"))[:6]
-    seen = client.get("/v1/priors").json()["online"]["images_seen"]
-    for path in images:
-        assert _segment(client, path.read_bytes(), adjust="none").status_code == 200
-    online = client.get("/v1/priors").json()["online"]
-    assert online["images_seen"] == seen + 6 and online["window_images"] == min(8, seen + 6)
-    assert online["updates"] >= 3 and online["prior"]["provenance"]["estimator"] == "em"
-    answer = _segment(client, images[0].read_bytes(), adjust="online")
+    images = sorted((tiny_world / "cityscapes" / "leftImg8bit" / "train").rglob("*.png"))[:8]
+    labels = [Path(str(path).replace("leftImg8bit", "gtFine", 1).replace("leftImg8bit.png", "gtFine_labelIds.png"))
+              for path in images]
+    priors = client.get("/v1/priors").json()
+    classes, seen = priors["target"]["classes"], priors["online"]["images_seen"]
+    start = np.asarray(server["bundle_target"])
+    for shift, rows, dominant in (("top", slice(0, 11), "sky"), ("bottom", slice(21, 32), "road")):
+        for path in images:
+            crop = np.ascontiguousarray(cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)[rows])
+            assert _segment(client, _png(crop), adjust="none").status_code == 200
+        online = client.get("/v1/priors").json()["online"]
+        estimate, truth = np.asarray(online["prior"]["probs"]), _label_prior(labels, rows)
+        assert online["window_images"] == 8 and online["prior"]["provenance"]["window_images"] == 8
+        k = classes.index(dominant)
+        assert np.abs(estimate - truth).sum() < 0.75 * np.abs(start - truth).sum(), (shift, estimate, truth)
+        assert estimate[k] > start[k] + 0.2 and truth[k] > 0.5, (shift, estimate[k], start[k], truth[k])
+    assert online["images_seen"] == seen + 16 and online["updates"] >= 16
+    assert online["prior"]["provenance"]["estimator"] == "em"
+    answer = _segment(client, _png(crop), adjust="online")
     assert answer.headers["x-labelshift-prior"] == "online"
 
 

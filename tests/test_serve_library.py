@@ -186,8 +186,18 @@ def test_adjust_local_gives_each_image_its_own_prior_and_keeps_no_state(bundle_d
     alone = engine.segment(images[1:], [SegmentOptions("local", tau_target=0.8)])[0]
     assert np.array_equal(alone.mask, answers[1].mask) and engine.version == 0
     engine.set_target_prior(ClassPrior(bundle.classes, np.full(len(bundle.classes), 1.0), "image"))
-    with pytest.raises(ParameterError, match="adjust=local shrinks each image's prior toward a pixel prior"):
+    with pytest.raises(ParameterError, match="shrinks each image's prior toward a pixel prior"):
         engine.check_options(SegmentOptions("local"))
+    # a sweep's overrides file may choose local IA: adjust=ia then serves it, with the bundle's kappa replaced
+    overrides = tmp_path / "best.yaml"
+    overrides.write_text("adjust: {mode: local, local: {kappa: 300.0}}\n")
+    tuned = SegmentationEngine(apply_overrides_file(bundle, overrides))
+    answer = tuned.segment(images[:1], [SegmentOptions("ia")])[0]
+    kappa300 = ia_transform(bundle.adjust.model_copy(update={"mode": "local", "local": tuned.adjust.local}),
+                            bundle.source, bundle.target_prior, bundle.calibration).image_priors(
+        predict(engine.model, engine.image_tensor(images[0])[None], images[0].shape[:2], device=torch.device("cpu")))
+    assert (tuned.adjust.local.kappa, answer.prior) == (300.0, "local, toward target")
+    assert answer.image_prior["prior"] == pytest.approx(kappa300.probs[0].tolist())
 
 
 def test_a_corrected_model_refuses_ia_and_online(bundle_dir, tmp_path):

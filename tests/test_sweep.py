@@ -35,7 +35,7 @@ def test_cache_confusion_equals_upsample_then_argmax(monkeypatch, align_corners,
     confusion of F.interpolate + argmax, for integer and non-integer scales, with ignored pixels and a transform."""
     import labelshift.logit_cache as logit_cache
 
-    monkeypatch.setattr(logit_cache, "MIXED_BLOCKS_FOR_FULL_UPSAMPLING", -1.0 if full_upsampling else 2.0)
+    monkeypatch.setattr(logit_cache, "INTERPOLATION_WORK_FOR_FULL_UPSAMPLING", -1.0 if full_upsampling else 2.0)
     logits = _smooth_logits(19, low, cells=max(2, low[0] // 3)).half().float()
     labels = torch.randint(0, 19, high)
     labels[: high[0] // 5] = 255

@@ -48,7 +48,7 @@ def test_ia_sweep_chooses_on_the_selection_split_and_matches_labelshift_evaluate
     from labelshift.cli import main as labelshift
 
     out, overrides = sweep_run
-    assert _sweep_main()(["--config", str(SWEEP_CONFIG), *overrides, IA_SPACE]) == 0
+    assert _sweep_main()(["--config", str(SWEEP_CONFIG), *overrides, IA_SPACE, "sweep.selection.guard_level=0"]) == 0
     sweep_dir = out / "sweeps" / "ia"
     trials = json.loads((sweep_dir / "trials.json").read_text())
     settings = [tuple(sorted(t["setting"].items())) for t in trials]
@@ -59,6 +59,7 @@ def test_ia_sweep_chooses_on_the_selection_split_and_matches_labelshift_evaluate
     best = yaml.safe_load((sweep_dir / "best_overrides.yaml").read_text())
     assert best == summary["chosen"]["setting"]
     assert summary["chosen"]["select_miou"] == max(t["metrics"]["select_miou"] for t in trials)
+    assert summary["chosen"]["guard"]["kept_top"] and summary["top"]["setting"] == best  # no guard: the top trial
     assert summary["uses_target_labels"] and summary["selection_split"] == "target_select"
     assert set(summary["label_free"]) == {"expected_miou", "pseudo_miou", "em_loglik", "neg_entropy"}
 

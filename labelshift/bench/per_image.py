@@ -37,7 +37,6 @@ from labelshift.atomic import write_json_atomic, write_text_atomic
 from labelshift.calibrate import Calibration
 from labelshift.config import AdjustConfig
 from labelshift.config.sections import LocalAdjustConfig
-from labelshift.logit_cache import LogitCache
 from labelshift.priors import ClassPrior, SourcePriors, floor_probabilities, prior_l1
 
 CACHED_SPLITS = ("target_val", "target_select")
@@ -53,7 +52,7 @@ class SeedRun:
     stages: Path
     priors: dict[str, ClassPrior]
     calibration: Calibration
-    caches: dict[str, LogitCache]
+    caches: dict[str, SplitLogits]
 
     @property
     def source(self) -> SourcePriors:
@@ -91,25 +90,47 @@ def selection_config(cfg):
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"target_select": select})})
 
 
-def cached_logits(cfg, model_path: Path, split: str, path: Path) -> LogitCache:
-    """The split's logit cache, built once (one forward pass) and stored at ``path``."""
+@dataclass
+class SplitLogits:
+    """A labelled split's logits at the model's output stride (float16) and its labels (uint8, 255 ignored)."""
+
+    logits: torch.Tensor  # (N, K, h, w) float16
+    labels: torch.Tensor  # (N, H, W) uint8
+    names: list[str]
+    align_corners: bool
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def low_res(self, index: int) -> torch.Tensor:
+        """(K, h, w) float32 logits of image ``index``."""
+        return self.logits[index].float()
+
+    @property
+    def num_classes(self) -> int:
+        return self.logits.shape[1]
+
+
+def cached_logits(cfg, model_path: Path, split: str, path: Path) -> SplitLogits:
+    """The split's logits, computed once (one forward pass) and stored at ``path``."""
     if path.is_file():
-        state = torch.load(path, weights_only=False)
-        return LogitCache(**state)
-    from labelshift.build import build_model, class_set_of, eval_loader
-    from labelshift.logit_cache import build_logit_cache
+        return SplitLogits(**torch.load(path, weights_only=False))
+    from labelshift.build import build_model, eval_loader
+    from labelshift.inference import predict
+    from labelshift.models import align_corners_of
 
     model = build_model(cfg, model_path).eval()
-    cache = build_logit_cache(model, eval_loader(cfg, split), class_set_of(cfg).num_classes,
-                              device=torch.device("cpu"))
-    state = {"logits": cache.logits, "labels": cache.labels, "names": cache.names,
-             "num_classes": cache.num_classes, "align_corners": cache.align_corners,
-             "block_counts": cache.block_counts, "scale_exponents": cache.scale_exponents}
+    logits, labels, names = [], [], []
+    for batch in eval_loader(cfg, split):
+        logits.append(predict(model, batch["image"], None, device=torch.device("cpu")).to(torch.float16))
+        labels.append(batch["label"].to(torch.uint8))
+        names += list(batch["name"])
+    state = {"logits": torch.cat(logits), "labels": torch.cat(labels), "names": names,
+             "align_corners": align_corners_of(model)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-    return cache
+    torch.save(state, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    return SplitLogits(**state)
 
 
 def prepare_seed(config: str, out: Path, seed: int, seed0_stages: Path | None,
@@ -127,22 +148,28 @@ def prepare_seed(config: str, out: Path, seed: int, seed0_stages: Path | None,
 
 
 # ------------------------------------------------------------------------------------------- evaluation
-def stacked_logits(cache: LogitCache) -> torch.Tensor:
-    """(N, K, h, w) float32 logits of a cache whose images share one grid."""
-    return torch.stack([cache.low_res(index) for index in range(len(cache))])
+def stacked_logits(split: SplitLogits) -> torch.Tensor:
+    """(N, K, h, w) float32 logits of a split."""
+    return split.logits.float()
 
 
-def miou_with_rows(cache: LogitCache, adjust_row: Callable[[int, torch.Tensor], torch.Tensor] | None) -> float:
-    """Target mIoU (percent) of ``adjust_row(index, logits (1, K, h, w))`` per image (None: raw logits)."""
-    matrix = cache.empty_matrix()
-    for index in range(len(cache)):
-        logits = cache.low_res(index)[None]
+def miou_with_rows(split: SplitLogits, adjust_row: Callable[[int, torch.Tensor], torch.Tensor] | None) -> float:
+    """Target mIoU (percent) of ``argmax(upsample(adjust_row(index, logits (1, K, h, w))))`` summed over the split
+    (None: raw logits); IA at the stride commutes with the bilinear upsampling."""
+    from labelshift.metrics import ConfusionMatrix
+    from labelshift.models import upsample_logits
+
+    matrix = ConfusionMatrix(split.num_classes)
+    size = tuple(split.labels.shape[-2:])
+    for index in range(len(split)):
+        logits = split.low_res(index)[None]
         adjusted = logits if adjust_row is None else adjust_row(index, logits)
-        cache.add_image(matrix, adjusted[0], index)
-    return 100.0 * cache.as_confusion(matrix).miou()
+        predicted = upsample_logits(adjusted, size, align_corners=split.align_corners).argmax(1)
+        matrix.update(split.labels[index: index + 1].long(), predicted)
+    return 100.0 * matrix.miou()
 
 
-def miou_with_priors(cache: LogitCache, transform: LocalIA, image_priors: torch.Tensor) -> float:
+def miou_with_priors(split: SplitLogits, transform: LocalIA, image_priors: torch.Tensor) -> float:
     """mIoU (percent) of IA toward the given per-image priors (N, K), the transform's source and settings."""
     from labelshift.estimate.per_image import ImagePriors
 
@@ -150,17 +177,15 @@ def miou_with_priors(cache: LogitCache, transform: LocalIA, image_priors: torch.
         row = ImagePriors(image_priors[index: index + 1], *(torch.zeros(1, dtype=dtype)
                                                           for dtype in (torch.int64, torch.bool, torch.int64)))
         return transform.apply(logits, row)
-    return miou_with_rows(cache, adjust_row)
+    return miou_with_rows(split, adjust_row)
 
 
-def image_label_priors(cache: LogitCache) -> torch.Tensor:
+def image_label_priors(split: SplitLogits) -> torch.Tensor:
     """(N, K) float64: each image's own label pixel prior (the per-image oracle), floored."""
-    rows = []
-    for label in cache.labels:
-        values = np.asarray(label).reshape(-1)
-        counts = np.bincount(values[values < cache.num_classes], minlength=cache.num_classes)
-        rows.append(counts)
-    return torch.from_numpy(floor_probabilities(np.stack(rows).astype(np.float64), warn=False))
+    labels = split.labels.reshape(len(split), -1).long()
+    counts = torch.stack([torch.bincount(row[row < split.num_classes], minlength=split.num_classes)
+                          for row in labels])
+    return torch.from_numpy(floor_probabilities(counts.double().numpy(), warn=False))
 
 
 def local_transform(run: SeedRun, centre: ClassPrior, **local: Any) -> LocalIA:

@@ -30,6 +30,10 @@ CR_PREFIX = "train.refine."
 CR_PATHS: tuple[str, ...] = ("prior.method",)  # besides every train.refine.* key
 LABEL_FREE_OBJECTIVES: tuple[str, ...] = ("expected_miou", "pseudo_miou", "em_loglik", "neg_entropy")
 SELECT_METRIC = "select_miou"  # the labelled selection split's mIoU (percent): what sweeps maximise
+# The paper's IA (T = τ = 1 with the reference estimator): the reference row of every IA sweep, and the default
+# fallback of the guarded choice
+PAPER_IA_SETTING: dict[str, Any] = {"adjust.space": "raw", "adjust.mode": "global", "adjust.temperature": 1.0,
+                                    "adjust.tau_source": 1.0, "adjust.tau_target": 1.0, "prior.method": "reference"}
 
 
 class ParameterSpec(StrictModel):
@@ -95,14 +99,39 @@ class SpaceConfig(StrictModel):
         return self.num_samples * math.prod(len(spec.values or ()) for spec in self.parameters.values())
 
 
+class SelectionRule(StrictModel):
+    """How an IA sweep turns its trials into the chosen setting (README "Sweeps": every rule measured).
+
+    ``objective``: ``labelled`` ranks trials by the selection-split mIoU; ``combined`` by its mean with the
+    label-free objective (``sweep.label_free_objective``, an mIoU in percent) on the same images. ``guard_level``:
+    the top trial replaces ``fallback`` only when it has the higher selection mIoU on at least this share of
+    ``bootstrap`` paired resamples of the selection images (0: no guard, the top trial always wins). A selection
+    split of a few dozen images has a standard error of ~2 mIoU points, more than the spread of the best settings:
+    without the guard the choice is mostly noise. ``fallback``: config paths -> values (default: the paper's IA).
+    """
+
+    objective: Literal["labelled", "combined"] = "labelled"
+    guard_level: float = Field(0.9, ge=0.0, lt=1.0)
+    bootstrap: int = Field(1000, ge=10)
+    fallback: dict[str, Any] = Field(default_factory=lambda: dict(PAPER_IA_SETTING))
+
+    @model_validator(mode="after")
+    def _fallback_paths(self) -> "SelectionRule":
+        unknown = [path for path in self.fallback if path not in IA_PATHS]
+        if unknown:
+            raise ValueError(f"selection.fallback: {unknown} are not IA settings; allowed: {list(IA_PATHS)}")
+        return self
+
+
 class SweepConfig(StrictModel):
     """Sweeps of this experiment (``ray_jobs/sweep.py --space ia|cr``): one search space per kind, the label-free
-    objective reported beside the labelled one, the searchers' seed, and where Tune keeps its trials (default
-    ``<output_dir>/sweeps/ray``)."""
+    objective reported beside the labelled one, how the IA choice is made (``selection``), the searchers' seed, and
+    where Tune keeps its trials (default ``<output_dir>/sweeps/ray``)."""
 
     ia: SpaceConfig | None = None
     cr: SpaceConfig | None = None
     label_free_objective: Literal["expected_miou", "pseudo_miou", "em_loglik", "neg_entropy"] = "expected_miou"
+    selection: SelectionRule = SelectionRule()
     seed: int = 0
     storage_path: str | None = None
 

@@ -142,7 +142,7 @@ class Pipeline:
                 for rel in outputs:
                     if (directory.final / rel).is_file() and not rel.endswith(".safetensors"):
                         self.tracker.log_artifact(directory.final / rel, artifact_path=stage.name)
-                self.tracker.log_stage_plots(directory.final, metrics, artifact_path=f"{stage.name}/plots")
+                self.tracker.log_stage_plots(directory.final, metrics, artifact_path="plots")
                 self.tracker.set_tags({"labelshift.stage_dir": str(directory.final)})
             self.log(f"[{stage.name}] done in {metrics['seconds']:.1f}s")
         self.results[stage.name] = manifest["metrics"]

@@ -11,8 +11,8 @@ from typing import Callable, Protocol
 import torch
 
 from labelshift.adjust import ia_transform
-from labelshift.artifacts import (CALIBRATION_FILE, CONFUSION_FILE, NO_ADJUST, ORACLE_IA, SOURCE_CALIBRATED, TARGET,
-                                  estimate_name, evaluation_key, ia_name, oracle_name, source_prior_name,
+from labelshift.artifacts import (CALIBRATION_FILE, CONFUSION_FILE, LOCAL_IA, NO_ADJUST, ORACLE_IA, SOURCE_CALIBRATED,
+                                  TARGET, estimate_name, evaluation_key, ia_name, oracle_name, source_prior_name,
                                   source_priors_from, write_priors)
 from labelshift.atomic import write_json_atomic
 from labelshift.build import build_split, eval_subsets
@@ -137,13 +137,17 @@ def _evaluate(job: JobContext, model_stage: str | None, stage: StageDir,
 
 
 def evaluate_adapted(job: JobContext, stage: StageDir) -> StageResult:
-    """Target val without adjustment, with IA towards every estimate, the target and the oracles; source val."""
+    """Target val without adjustment, with IA towards every estimate, the target and the oracles; source val.
+    With ``adjust.mode: local`` also IA with per-image priors shrunk toward the target prior (``ia_local_target``)."""
     priors, calibration = job.priors(), job.calibration()
     source = source_priors_from(priors)
     transforms: dict[str, Callable | None] = {NO_ADJUST: None}
+    global_adjust = job.cfg.adjust.model_copy(update={"mode": "global"})
     for name, prior in priors.items():
         if name == TARGET or name.startswith((estimate_name(""), oracle_name(""))):
-            transforms[ia_name(name)] = ia_transform(job.cfg.adjust, source, prior, calibration)
+            transforms[ia_name(name)] = ia_transform(global_adjust, source, prior, calibration)
+    if job.cfg.adjust.mode == "local":
+        transforms[LOCAL_IA] = ia_transform(job.cfg.adjust, source, priors[TARGET], calibration)
     same_kind_oracle = ia_name(oracle_name(priors[TARGET].kind))
     if same_kind_oracle in transforms:  # the ceiling for the configured estimate: the oracle of the same kind
         transforms[ORACLE_IA] = transforms[same_kind_oracle]
@@ -179,7 +183,8 @@ def pseudo(job: JobContext, stage: StageDir) -> StageResult:
         priors = job.priors()
         source, target = source_priors_from(priors), priors[TARGET]
         teacher, transform = job.adapted_model_path(), ia_transform(job.cfg.adjust, source, target, job.calibration())
-        priors_used = {"source": source.of_kind(target.kind).to_dict(), "target": target.to_dict()}
+        priors_used = {"source": source.of_kind(target.kind).to_dict(), "target": target.to_dict(),
+                       "mode": job.cfg.adjust.mode}
     else:
         teacher, transform = job.model_path("refine"), None
     settings = pseudo_settings(job.cfg, transform)

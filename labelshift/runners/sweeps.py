@@ -15,12 +15,13 @@ import torch
 
 from labelshift.build import amp_dtype_of, build_model, class_set_of, eval_loader
 from labelshift.config import ConfigError, ExperimentConfig
-from labelshift.ia_sweep import LABEL_FREE_PREFIX, REFERENCE_SETTING, EstimateOutputs, build_inputs, score_setting
+from labelshift.ia_sweep import (LABEL_FREE_PREFIX, REFERENCE_SETTING, EstimateOutputs, build_inputs, choose_setting,
+                                 score_setting)
 from labelshift.logit_cache import LogitCache, build_logit_cache
 from labelshift.runners.tune import TrackingLink, run_cr_trials, run_ia_trials, sweep_storage
 from labelshift.selection import best_index, regret_table
 from labelshift.sweep_report import write_sweep_outputs
-from labelshift.config.sweep import LABEL_FREE_OBJECTIVES, SELECT_METRIC
+from labelshift.config.sweep import LABEL_FREE_OBJECTIVES, SELECT_METRIC, SweepConfig
 
 SELECT_SPLIT, EVAL_SPLIT = "target_select", "target_val"
 VAL_METRIC = "target_val_miou"
@@ -66,14 +67,15 @@ def run_ia_sweep(cfg: ExperimentConfig, model_path: str | Path, estimate_dir: st
         f"{time.perf_counter() - began:.1f}s; {cfg.sweep.ia.grid_size()} trials")
     records = run_ia_trials(inputs, cfg.sweep.ia, storage_path=sweep_storage(cfg), name=_run_name(cfg, "ia"),
                             seed=cfg.sweep.seed, tracking=tracking)
-    summary = ia_summary(inputs, records, cache_of(cfg, model, EVAL_SPLIT, device), cfg.sweep.label_free_objective)
+    summary = ia_summary(inputs, records, cache_of(cfg, model, EVAL_SPLIT, device), cfg.sweep)
     files = write_sweep_outputs(Path(cfg.output_dir) / "sweeps" / "ia", cfg, records, summary)
     return SweepOutcome(records, summary, files)
 
 
-def ia_summary(inputs, records: list[dict], val_cache: LogitCache, objective: str) -> dict:
-    """The labelled choice (best selection mIoU), the label-free choice of each objective, the reference setting
-    (T = τ = 1, ``reference`` estimator); target-val mIoU of each of these settings, computed once each."""
+def ia_summary(inputs, records: list[dict], val_cache: LogitCache, sweep: SweepConfig) -> dict:
+    """The choice (``sweep.selection``: the top trial, guarded against the fallback setting), the top trial, the
+    label-free choice of each objective with its regret against the choice, the reference setting (T = τ = 1,
+    ``reference`` estimator); target-val mIoU of each of these settings, computed once each."""
     val_of: dict[str, float] = {}
 
     def val_miou(setting: dict) -> float:
@@ -82,22 +84,24 @@ def ia_summary(inputs, records: list[dict], val_cache: LogitCache, objective: st
             val_of[key] = score_setting(inputs, setting, cache=val_cache, label_free=False)[SELECT_METRIC]
         return val_of[key]
 
-    chosen = records[best_index([r["metrics"][SELECT_METRIC] for r in records])]
+    choice = choose_setting(inputs, records, sweep.selection, sweep.label_free_objective, sweep.seed)
     rows = [{SELECT_METRIC: r["metrics"][SELECT_METRIC], VAL_METRIC: float("nan"),
              **{name: r["metrics"].get(LABEL_FREE_PREFIX + name, float("nan")) for name in LABEL_FREE_OBJECTIVES}}
             for r in records]
-    for name in (SELECT_METRIC, *LABEL_FREE_OBJECTIVES):
+    for name in LABEL_FREE_OBJECTIVES:
         pick = best_index([row[name] for row in rows])
         rows[pick][VAL_METRIC] = val_miou(records[pick]["setting"])
-    label_free = regret_table(rows, SELECT_METRIC, LABEL_FREE_OBJECTIVES, VAL_METRIC)
+    chosen_row = {**dict.fromkeys(LABEL_FREE_OBJECTIVES, float("nan")), VAL_METRIC: val_miou(choice["setting"])}
+    label_free = regret_table([*rows, chosen_row], SELECT_METRIC, LABEL_FREE_OBJECTIVES, VAL_METRIC, chosen=len(rows))
     for name, row in label_free.items():
         row.update(setting=records[row["trial"]]["setting"], trial=records[row["trial"]]["trial"])
-    reference = {**REFERENCE_SETTING, **{k: v for k, v in chosen["setting"].items() if k not in REFERENCE_SETTING}}
+    reference = {**REFERENCE_SETTING, **{k: v for k, v in choice["setting"].items() if k not in REFERENCE_SETTING}}
     return {
         "space": "ia", "trials": len(records), "selection_split": SELECT_SPLIT, "uses_target_labels": True,
-        "evaluation_split": EVAL_SPLIT, "label_free_objective": objective,
-        "chosen": {"trial": chosen["trial"], "setting": chosen["setting"],
-                   "select_miou": chosen["metrics"][SELECT_METRIC], VAL_METRIC: val_miou(chosen["setting"])},
+        "evaluation_split": EVAL_SPLIT, "label_free_objective": sweep.label_free_objective,
+        "chosen": {"setting": choice["setting"], "select_miou": choice["select_miou"],
+                   VAL_METRIC: chosen_row[VAL_METRIC], "guard": choice["guard"]},
+        "top": {**choice["top"], VAL_METRIC: val_miou(choice["top"]["setting"])},
         "reference": {"setting": reference, "select_miou": score_setting(inputs, reference, label_free=False)[
             SELECT_METRIC], VAL_METRIC: val_miou(reference)},
         "label_free": label_free,

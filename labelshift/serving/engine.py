@@ -121,9 +121,10 @@ class SegmentationEngine:
                                  f"({self.bundle.model_stage}) is already prior-corrected; use adjust=none")
         if options.adjust == "online" and self.tracker is None:
             raise ParameterError("adjust=online needs online prior tracking (online.enabled in the server settings)")
-        if options.adjust == "local" and self.target_prior.kind != "pixel":
-            raise ParameterError(f"adjust=local shrinks each image's prior toward a pixel prior; the target prior "
-                                 f"{self.target_name!r} is an {self.target_prior.kind} prior")
+        local = options.adjust == "local" or (options.adjust != "none" and self.adjust.mode == "local")
+        if local and self.target_prior.kind != "pixel":
+            raise ParameterError(f"adjust=local (or adjust.mode: local) shrinks each image's prior toward a pixel "
+                                 f"prior; the target prior {self.target_name!r} is an {self.target_prior.kind} prior")
 
     def _transform(self, options: SegmentOptions, adjust: AdjustConfig, target: tuple[str, ClassPrior]
                    ) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, str | None]:
@@ -136,8 +137,10 @@ class SegmentationEngine:
         changes = {key: value for key in ("temperature", "tau_source", "tau_target")
                    if (value := getattr(options, key)) is not None}
         if options.adjust == "local":  # the bundle's (or the sweep overrides') adjust.local settings
-            changes["mode"], name = "local", f"local, toward {name}"
+            changes["mode"] = "local"
         settings = adjust.model_copy(update=changes) if changes else adjust
+        if settings.mode == "local":  # adjust=local, or ia/online under a sweep's adjust.mode: local
+            name = f"local, toward {name}"
         return ia_transform(settings, self.bundle.source, prior, self.bundle.calibration), name
 
     def image_tensor(self, image: np.ndarray) -> torch.Tensor:
