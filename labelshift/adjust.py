@@ -41,7 +41,7 @@ def log_prior(prior: PriorLike, num_classes: int | None = None, *, role: str = "
         weights = np.asarray(weights, dtype=np.float64)
         if weights.ndim != 1 and not (per_image and weights.ndim == 2):
             raise ValueError(f"{role} must be a 1-D vector over classes, got shape {weights.shape}")
-        probs = floor_probabilities(weights)
+        probs = floor_probabilities(weights, warn=weights.ndim == 1)  # per-image rows: floored silently
     if num_classes is not None and probs.shape[-1] != num_classes:
         raise ValueError(f"{role} has {probs.shape[-1]} classes but the logits have {num_classes}")
     return torch.from_numpy(np.log(probs))
@@ -200,11 +200,15 @@ class LocalIA:
         return estimate_image_priors(logits, self.settings, dataset_prior=self.target_prior,
                                      posterior_prior=self.posterior_prior,
                                      calibrate=self.calibration.apply if self.calibration is not None else None,
-                                     adjust_global=self.global_ia)
+                                     adjust_toward=self._adjust_toward)
+
+    def _adjust_toward(self, logits: torch.Tensor, image_priors: torch.Tensor) -> torch.Tensor:
+        """logits (N, K, ...) adjusted toward per-image priors (N, K) (the maths of :func:`adjust_logits`)."""
+        return adjust_logits(logits, **{**self.global_ia.keywords, "target_prior": image_priors})
 
     def apply(self, logits: torch.Tensor, priors: ImagePriors) -> torch.Tensor:
         """logits (N, K, ...) adjusted toward ``priors.probs`` (N, K), row by row (:func:`adjust_logits`)."""
-        return adjust_logits(logits, **{**self.global_ia.keywords, "target_prior": priors.probs})
+        return self._adjust_toward(logits, priors.probs)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         return self.apply(logits, self.image_priors(logits))

@@ -174,3 +174,11 @@ def choose_setting(inputs: IASweepInputs, records: list[dict], rule: SelectionRu
     return {"setting": setting, "select_miou": select, "guard": guard,
             "top": {"trial": top["trial"], "setting": top["setting"], "select_miou": top["metrics"][SELECT_METRIC],
                     "objective": rule.objective}}
+
+
+def record_index_of(inputs: IASweepInputs, records: list[dict], setting: dict[str, Any]) -> int | None:
+    """The index of the trial whose setting configures the experiment as ``setting`` does (None: no trial ran
+    it, e.g. a fallback outside the grid)."""
+    wanted = with_setting(inputs.config, setting)
+    return next((index for index, record in enumerate(records)
+                 if with_setting(inputs.config, record["setting"]) == wanted), None)

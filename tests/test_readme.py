@@ -1,7 +1,10 @@
 """The README works as written: its shell blocks marked ``<!-- runnable -->`` run, in order, in one bash, from a
-copy of the repository, on the tiny world (the README's documented ``$ARGS`` override) with the shared tiny
-model. ``make demo`` is replaced by the tiny job run here beforehand (the suite must not call itself, and
-``make demo`` / ``make test`` are never runnable blocks).
+copy of the repository, on a copy of the shared tiny world (the README's documented ``$ARGS`` override gives
+its knobs and a few training steps). ``make demo`` is replaced by the tiny job run here beforehand (the suite
+must not call itself, and ``make demo`` / ``make test`` are never runnable blocks). The shared tiny *model*
+cannot be reused: the configs keep their worlds under their own output directories (the sweep's differs from
+the demo's), and a stage's fingerprint includes the data roots, so a model trained on the shared world's
+paths does not count as the demo's.
 
 The blocks start a Ray head on the README's fixed ports and a Serve app on 127.0.0.1:8000, so they run in
 private network, PID and mount namespaces (``unshare``): nothing they start can meet another process on this
@@ -20,7 +23,7 @@ import pytest
 
 mlflow = pytest.importorskip("mlflow")
 
-from conftest import PROJECT, SHARED_STAGES, tiny_overrides  # noqa: E402
+from conftest import PROJECT, tiny_overrides  # noqa: E402
 
 README = Path(os.environ.get("DEV_README", PROJECT / "README.md"))
 RUNNABLE = re.compile(r"<!-- runnable -->\s*\n```bash\n(.*?)\n```", re.DOTALL)
@@ -50,38 +53,37 @@ def _checkout(root: Path) -> Path:
     return root
 
 
-def _tiny_args(tiny_trained) -> list[str]:
-    """$ARGS: the shared tiny world and training sizes (not where outputs go: the README's commands say that)."""
-    return [o for o in tiny_overrides(tiny_trained.out, world=tiny_trained.world)
-            if not o.startswith(("output_dir=", "tracking."))] + [SWEEP_GRID]
+def _tiny_args(tiny_world: Path) -> list[str]:
+    """$ARGS: the tiny world's knobs and training sizes. Not its place, nor where outputs go: each config keeps
+    its own world (the sweep's differs from the demo's) and the README's commands say where outputs go."""
+    return [o for o in tiny_overrides(tiny_world.parent, world=tiny_world)
+            if not o.startswith(("output_dir=", "tracking.")) and ".root=" not in o] + [SWEEP_GRID]
 
 
-def _prepare(checkout: Path, tiny_trained, args: list[str]) -> None:
-    """What ``make demo`` leaves behind, on the tiny world: outputs/demo (the world linked at its place, every
-    stage done, logged to ./mlflow.db); and the sweep's upstream stages (its data section differs from the
-    demo's, so it has its own adapted model)."""
+def _prepare(checkout: Path, tiny_world: Path, args: list[str]) -> None:
+    """What ``make demo`` leaves behind, on the tiny world: outputs/demo (a copy of the shared world at its
+    place, every stage done, logged to ./mlflow.db); and the sweep's upstream stages (on its own world)."""
     from labelshift.config import load_config
     from labelshift.pipeline import Pipeline
     from labelshift.runners import LocalTrainRunner
     from labelshift.tracking import MlflowTracker, Tracker
 
     demo = checkout / "outputs" / "demo"
-    tiny_trained.copy_stages(demo)
-    (demo / "world").symlink_to(tiny_trained.world)
+    shutil.copytree(tiny_world, demo / "world")
     cfg = load_config(checkout / "configs" / "demo.yaml", args)
     tracker = MlflowTracker(f"sqlite:///{checkout}/mlflow.db", cfg.tracking.experiment)
     with tracker.job(cfg):
         Pipeline(cfg, LocalTrainRunner(demo / "ray"), tracker, log=lambda m: None).run()
     sweep_cfg = load_config(checkout / "configs" / "sweep_ia.yaml", args)
     Pipeline(sweep_cfg, LocalTrainRunner(checkout / sweep_cfg.output_dir / "ray"), Tracker(),
-             log=lambda m: None).run(SHARED_STAGES)
+             log=lambda m: None).run(("pretrain", "estimate"))
 
 
 def _script(blocks: list[str]) -> str:
     """One bash running the blocks in order (``set -e``: the first failing command stops it, its block named)."""
     lines = ["set -euo pipefail", "ip link set lo up", "mount -t tmpfs tmpfs /tmp/ray"]
     for number, block in enumerate(blocks, 1):
-        lines += [f"echo '==== README runnable block {number}' >&2", block]
+        lines += [f"echo \"==== README runnable block {number} $(date +%T)\" >&2", block]
     return "\n".join(lines + ["echo '==== README blocks done' >&2"]) + "\n"
 
 
@@ -102,15 +104,15 @@ def test_the_readme_links_to_files_that_exist():
     assert all((PROJECT / target).exists() for target in targets if target), sorted(targets)
 
 
-def test_the_readmes_runnable_blocks_work_on_the_tiny_world(tiny_trained, tmp_path, monkeypatch):
+def test_the_readmes_runnable_blocks_work_on_the_tiny_world(tiny_world, tmp_path, monkeypatch):
     if shutil.which("unshare") is None or subprocess.run(NAMESPACES + ["true"], capture_output=True).returncode:
         if os.environ.get("CI") == "true":
             pytest.fail("unshare (util-linux) cannot create user/net/pid namespaces here")
         pytest.skip("unshare cannot create user/net/pid namespaces here (the blocks use fixed ports)")
     checkout = _checkout(tmp_path / "labelshift")
     monkeypatch.chdir(checkout)  # the README's relative paths (outputs/demo/world, ...) resolve here
-    args = _tiny_args(tiny_trained)
-    _prepare(checkout, tiny_trained, args)
+    args = _tiny_args(tiny_world)
+    _prepare(checkout, tiny_world, args)
     blocks = runnable_blocks(README.read_text())
     home = tmp_path / "home"
     home.mkdir()
@@ -141,6 +143,8 @@ def _check_outputs(checkout: Path, log: str) -> None:
     assert mask.mode == "P" and mask.size == (street.shape[1], street.shape[0])
     assert int(np.array(mask).max()) < 19
     assert Image.open(checkout / "overlay.png").size == mask.size
+    shares = json.loads((checkout / "segment.json").read_text())["class_shares"]
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-3)
     summary = json.loads((checkout / "outputs" / "demo" / "summary.json").read_text())
     miou = next(row["target_val_miou"] for row in summary["rows"] if row["row"] == "source_only")
     assert f"| evaluate_adapted | none | {miou:.2f}" in log  # labelshift compare's table, from the MLflow runs

@@ -216,6 +216,15 @@ def test_a_corrected_model_refuses_ia_and_online(bundle_dir, tmp_path):
         SegmentOptions("none", temperature=float("nan"))
 
 
+def test_check_health_raises_when_the_model_answers_non_finite_logits(bundle_dir):
+    engine = SegmentationEngine(load_bundle(bundle_dir))
+    engine.check_health()  # Serve's check_health passes: the replica stays
+    with torch.no_grad():
+        next(engine.model.parameters()).fill_(float("nan"))
+    with pytest.raises(RuntimeError, match=r"logits of shape \(1, 19, 8, 8\) \(finite: False\)"):
+        engine.check_health()  # Serve replaces the replica
+
+
 # ------------------------------------------------------------------------------------------------ online
 def test_online_tracking_moves_to_the_true_prior_of_shifted_data():
     """Served images whose posteriors are exact under the source prior (Gaussian classes): the window's EM
@@ -265,9 +274,8 @@ def test_admission_holds_working_plus_waiting_requests_and_refuses_the_next_at_o
 
     events, state, held_while_blocked = asyncio.run(scenario())
     assert held_while_blocked == 3 and state == {"held": 0, "working": 2, "waiting": 1, "refused": 2}
-    assert events[:4] == ["start 0", "start 1", "refused 3: the replica holds 3 requests (2 in work, 1 waiting), "
-                          "its limit; retry in about 1 s", "refused 4: the replica holds 3 requests (2 in work, "
-                          "1 waiting), its limit; retry in about 1 s"] and events[4] == "start 2"
+    full = "the replica holds 3 requests (2 in work, 1 waiting), its limit; retry in about 1 s"
+    assert events == ["start 0", "start 1", f"refused 3: {full}", f"refused 4: {full}", "start 2"]
     settings = ServeSettings(bundle="b", max_ongoing_requests=8, max_queued_requests=4)
     assert settings.admission_limit == 12
     assert settings.serve_options() == {"max_ongoing_requests": 12 + REJECTION_HEADROOM,

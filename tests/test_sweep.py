@@ -188,35 +188,51 @@ def test_search_spaces_map_onto_tune():
     assert _search_algorithm(grid_space, seed=0).max_concurrent == 1
 
 
-# ------------------------------------------------------------------------------- per-image priors (issue 15)
-def test_ia_space_searches_the_per_image_mode_and_skips_what_it_cannot_apply(tiny_trained, tmp_path):
-    """``adjust.mode`` and ``adjust.local.*`` are config paths of the IA space; a local trial scores the cache
-    with the library's LocalIA (κ = 100: per-image priors, other decisions than global IA; a huge κ: global IA's);
-    local mode with an image prior (reference) is skipped with NaN scores and never chosen."""
+# ------------------------------------------------------------------ trial inputs on the shared tiny trained run
+SWEEP_IA_CONFIG = DEMO_CONFIG.parent / "sweep_ia.yaml"
+
+
+def _sweep_overrides(tiny_trained) -> list[str]:
+    return [*tiny_trained.overrides, f"data.target_select.root={tiny_trained.world}/cityscapes",
+            "data.world.target_select_fraction=null"]  # the shared world's knobs
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep_inputs(tiny_trained):
+    """IA trial inputs (selection-split logit cache, priors, reference posterior) of the shared tiny run."""
     from labelshift.build import build_model
-    from labelshift.config.sweep import overrides_of
-    from labelshift.ia_sweep import EstimateOutputs, build_inputs, score_setting
+    from labelshift.ia_sweep import EstimateOutputs, build_inputs
     from labelshift.runners.sweeps import cache_of
+
+    cfg = load_config(SWEEP_IA_CONFIG, _sweep_overrides(tiny_trained))
+    model = build_model(cfg, tiny_trained.model).eval()
+    return build_inputs(cfg, EstimateOutputs.read(tiny_trained.estimate),
+                        cache_of(cfg, model, "target_select", torch.device("cpu")))
+
+
+# ------------------------------------------------------------------------------- per-image priors (issue 15)
+def test_ia_space_searches_the_per_image_mode_and_skips_what_it_cannot_apply(tiny_trained, tiny_sweep_inputs):
+    """``adjust.mode`` and ``adjust.local.*`` are config paths of the IA space; a local trial scores the cache
+    with the library's LocalIA (κ = 100: per-image priors, other decisions than global IA; a huge κ: global
+    IA's); local mode with an image prior (reference) is skipped with NaN scores and never chosen."""
+    from labelshift.config.sweep import overrides_of
+    from labelshift.ia_sweep import score_setting
     from labelshift.selection import best_index
 
     space = ("sweep.ia.parameters={adjust.mode: {values: [global, local]}, adjust.local.kappa: {values: [100, 1e12]},"
              " adjust.local.estimator: {values: [map_em, map_count]}, prior.method: {values: [em, reference]}}")
-    overrides = [*tiny_trained.overrides, f"data.target_select.root={tiny_trained.world}/cityscapes"]
-    cfg = load_config(DEMO_CONFIG.parent / "sweep_ia.yaml", [*overrides, space])
-    assert cfg.sweep.ia.grid_size() == 16
+    overrides = _sweep_overrides(tiny_trained)
+    assert load_config(SWEEP_IA_CONFIG, [*overrides, space]).sweep.ia.grid_size() == 16
     for swept, message in (("adjust.local.max_iter: {values: [10]}", r"adjust.local.max_iter'\] cannot be swept"),
                            ("adjust.local.kappa: {values: [-1]}", r"sweep.ia.parameters.adjust.local.kappa: -1")):
         with pytest.raises(ConfigError, match=message):
-            load_config(DEMO_CONFIG.parent / "sweep_ia.yaml", [*overrides, f"sweep.ia.parameters={{{swept}}}"])
-    model = build_model(cfg, tiny_trained.model).eval()
-    inputs = build_inputs(cfg, EstimateOutputs.read(tiny_trained.estimate),
-                          cache_of(cfg, model, "target_select", torch.device("cpu")))
+            load_config(SWEEP_IA_CONFIG, [*overrides, f"sweep.ia.parameters={{{swept}}}"])
     settings = {"global": {"adjust.mode": "global", "prior.method": "em"},
                 "local": {"adjust.mode": "local", "adjust.local.kappa": 100.0, "prior.method": "em"},
                 "local_huge_kappa": {"adjust.mode": "local", "adjust.local.kappa": 1e12, "prior.method": "em"},
                 "global_reference": {"adjust.mode": "global", "prior.method": "reference"},
                 "local_reference": {"adjust.mode": "local", "adjust.local.kappa": 100.0, "prior.method": "reference"}}
-    scores = {name: score_setting(inputs, setting) for name, setting in settings.items()}
+    scores = {name: score_setting(tiny_sweep_inputs, setting) for name, setting in settings.items()}
     assert scores["local_huge_kappa"]["select_miou"] == pytest.approx(scores["global"]["select_miou"], abs=1e-6)
     assert scores["local"]["label_free_neg_entropy"] != pytest.approx(scores["global"]["label_free_neg_entropy"])
     assert 0 < scores["local"]["select_miou"] <= 100 and scores["local"]["skipped"] == 0.0
@@ -229,3 +245,54 @@ def test_ia_space_searches_the_per_image_mode_and_skips_what_it_cannot_apply(tin
     again = load_config(DEMO_CONFIG, [*tiny_trained.overrides, *overrides_of(
         {"adjust.mode": "local", "adjust.local.kappa": 300.0, "adjust.local.estimator": "map_count"})])
     assert (again.adjust.mode, again.adjust.local.kappa, again.adjust.local.estimator) == ("local", 300.0, "map_count")
+
+
+# --------------------------------------------------------------------------------------- the guarded choice
+def test_paired_bootstrap_wins_is_the_share_of_resamples_the_candidate_wins():
+    """Two images: the candidate wins only on the resample that draws image A twice (probability 1/4): on B
+    alone, and on A + B, the baseline is better."""
+    from labelshift.selection import paired_bootstrap_wins
+
+    perfect = np.array([[10, 0], [0, 10]])
+    candidate = np.stack([perfect, np.array([[0, 10], [0, 10]])])
+    baseline = np.stack([np.array([[5, 5], [0, 10]]), perfect])
+    assert paired_bootstrap_wins(candidate, baseline, 4000, seed=0) == pytest.approx(0.25, abs=0.03)
+    assert paired_bootstrap_wins(candidate, candidate, 100, seed=0) == 0.0  # ties never win
+    # perfect on both images: better than the baseline except on the resample of image B twice (a tie)
+    assert paired_bootstrap_wins(np.stack([perfect, perfect]), baseline, 4000, seed=0) == pytest.approx(0.75, abs=0.03)
+    with pytest.raises(ValueError, match="equal shape"):
+        paired_bootstrap_wins(candidate, baseline[:1], 10, seed=0)
+
+
+def test_choice_keeps_the_top_trial_only_when_it_beats_the_fallback_on_the_bootstrap(tiny_sweep_inputs):
+    from labelshift.config.sweep import SelectionRule
+    from labelshift.ia_sweep import choose_setting, per_image_confusions, score_setting
+    from labelshift.selection import miou_of, paired_bootstrap_wins
+
+    settings = [{"adjust.temperature": t, "prior.method": m} for t in (0.5, 1.0, 3.0) for m in ("em", "count")]
+    records = [{"trial": f"t{i}", "setting": s, "metrics": score_setting(tiny_sweep_inputs, s)}
+               for i, s in enumerate(settings)]
+    top = max(records, key=lambda r: r["metrics"]["select_miou"])
+    per_image = per_image_confusions(tiny_sweep_inputs, top["setting"])
+    assert len(per_image) == len(tiny_sweep_inputs.cache)
+    assert miou_of(per_image.sum(0)) == pytest.approx(top["metrics"]["select_miou"], abs=1e-9)
+
+    unguarded = choose_setting(tiny_sweep_inputs, records, SelectionRule(guard_level=0), "expected_miou")
+    assert unguarded["setting"] == top["setting"] and unguarded["guard"]["kept_top"]
+    tie = choose_setting(tiny_sweep_inputs, records, SelectionRule(fallback=top["setting"]), "expected_miou")
+    assert not tie["guard"]["kept_top"] and tie["guard"]["top_beats_fallback"] == 0.0  # equal settings: no win
+    worst = min(records, key=lambda r: r["metrics"]["select_miou"])
+    rule = SelectionRule(fallback=worst["setting"], guard_level=0.5, bootstrap=200)
+    guarded = choose_setting(tiny_sweep_inputs, records, rule, "expected_miou", seed=3)
+    wins = paired_bootstrap_wins(per_image, per_image_confusions(tiny_sweep_inputs, worst["setting"]), 200, seed=3)
+    assert guarded["guard"]["top_beats_fallback"] == wins and guarded["guard"]["kept_top"] == (wins >= 0.5)
+    expected = top if wins >= 0.5 else worst
+    assert guarded["setting"] == expected["setting"]
+    assert guarded["select_miou"] == pytest.approx(expected["metrics"]["select_miou"], abs=1e-9)
+
+    combined = choose_setting(tiny_sweep_inputs, records, SelectionRule(objective="combined", guard_level=0),
+                              "expected_miou")
+    means = [0.5 * (r["metrics"]["select_miou"] + r["metrics"]["label_free_expected_miou"]) for r in records]
+    assert combined["setting"] == records[int(np.argmax(means))]["setting"]
+    with pytest.raises(ConfigError, match=r"selection.fallback: \['train.refine.tau'\] are not IA settings"):
+        load_config(SWEEP_IA_CONFIG, ["sweep.selection.fallback={train.refine.tau: 1}"])

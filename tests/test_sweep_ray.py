@@ -38,7 +38,7 @@ def sweep_run(tmp_path_factory, tiny_world):
     out = tmp_path_factory.mktemp("sweep") / "run"
     overrides = tiny_overrides(out, world=tiny_world) + [
         "data.target.list_file=splits/adapt.txt", f"data.target_select.root={tiny_world}/cityscapes",
-        "ray.cpus_per_worker=1"]
+        "data.world.target_select_fraction=null", "ray.cpus_per_worker=1"]  # the shared world's knobs
     cfg = load_config(SWEEP_CONFIG, overrides)
     Pipeline(cfg, LocalTrainRunner(out / "train"), Tracker(), log=lambda m: None).run(("estimate",))
     return out, overrides

@@ -35,6 +35,7 @@ from labelshift.config.sweep import LABEL_FREE_OBJECTIVES
 
 TIMING_SPACE = {"adjust.temperature": [0.75, 1.0, 1.5, 2.0], "adjust.tau_source": [0.5, 1.0],
                 "adjust.tau_target": [0.5, 1.0, 1.5, 2.0], "prior.method": ["em", "count"]}  # 64 trials
+TIMING_CONCURRENT_TRIALS = 2  # one trial per core of the 2-CPU Ray instance (IA trials: no ASHA, no MLflow)
 DIGITS_GRID = {"adjust.temperature": [0.75, 1.0, 1.5], "adjust.tau_source": [0.5, 1.0],
                "adjust.tau_target": [0.5, 1.0, 1.5],
                "prior.method": [EM_BCTS, *PIXEL_METHODS]}  # digits' pixel methods see the raw softmax, bbse + em_bcts BCTS
@@ -95,7 +96,8 @@ def time_model(model_name: str, world: Path, images: int, log) -> dict[str, Any]
     began = time.perf_counter()
     evaluate(model, eval_loader(cfg, "target_val"), len(names), device=device, logit_transforms={"ia": transform})
     single_eval_s = time.perf_counter() - began
-    space = SpaceConfig(parameters={path: {"values": values} for path, values in TIMING_SPACE.items()})
+    space = SpaceConfig(parameters={path: {"values": values} for path, values in TIMING_SPACE.items()},
+                        max_concurrent_trials=TIMING_CONCURRENT_TRIALS)
     began = time.perf_counter()
     records = run_ia_trials(inputs, space, storage_path=str(world.parent / "tune"), name=f"bench-{model_name}")
     tune_s = time.perf_counter() - began

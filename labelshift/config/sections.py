@@ -185,7 +185,8 @@ class LocalAdjustConfig(StrictModel):
     π̂ (the configured target prior). ``map_em``: EM with a Dirichlet prior of concentration ``kappa`` centred on
     π̂, the image weighing ``effective_pixels`` pixels (its pixels are correlated): the fixed point
     q = (n_eff·mean_x r_x(q) + κ·π̂) / (n_eff + κ), so only κ/(κ + n_eff) decides; κ = inf is global IA exactly,
-    κ = 0 plain per-image EM. ``map_count``: the same shrinkage of the image's argmax histogram after global IA.
+    κ = 0 plain per-image EM. ``map_count``: hard EM, the same shrinkage of the image's argmax histogram after IA
+    toward its current prior, ``count_steps`` times from π̂ (the first step adjusts toward π̂: global IA).
     """
 
     estimator: Literal["map_em", "map_count"] = "map_em"
@@ -196,6 +197,7 @@ class LocalAdjustConfig(StrictModel):
     floor: float = Field(0.01, ge=0.0, lt=1.0)  # q_c ≥ floor·π̂_c (renormalised): no class vanishes outright
     max_iter: PositiveInt = 200
     tol: float = Field(1e-6, gt=0)  # L1 change of q; an image not converged by max_iter uses π̂ (counted)
+    count_steps: PositiveInt = 2  # map_count: argmax-histogram steps
 
 
 class AdjustConfig(StrictModel):

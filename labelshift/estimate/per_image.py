@@ -12,7 +12,8 @@ Estimators (``adjust.local.estimator``):
   weighs ``effective_pixels`` = n_eff pixels (its pixels are strongly correlated, so not their count); the
   fixed point is ``q = (n_eff·mean_x r_x(q) + κ·π̂) / (n_eff + κ)`` with the responsibilities
   ``r_x(q) ∝ p(y|x)·q/π_post``. κ = inf gives π̂ exactly (global IA); κ = 0 plain per-image EM.
-- ``map_count``: the image's argmax histogram after global IA (with π̂), shrunk the same way (one hard step).
+- ``map_count``: hard EM: the image's argmax histogram after IA toward its current prior, shrunk the same way,
+  ``count_steps`` times from q = π̂ (the first step reads the argmax of global IA).
 
 Safety: every class keeps at least ``floor``·π̂_c (then renormalised), and an image whose EM has not converged
 after ``max_iter`` iterations uses π̂; both are counted in :class:`ImagePriors`.
@@ -39,6 +40,7 @@ class LocalSettings:
     floor: float = 0.01
     max_iter: int = 200
     tol: float = 1e-6
+    count_steps: int = 2
 
     @classmethod
     def of(cls, local: Any) -> LocalSettings:
@@ -146,21 +148,25 @@ def map_em(posteriors: torch.Tensor, posterior_prior: Any, dataset_prior: Any, *
     return estimate, iterations, ~active
 
 
-def map_count(adjusted_logits: torch.Tensor, dataset_prior: Any, *, kappa: float,
-              effective_pixels: float) -> torch.Tensor:
-    """The image's argmax histogram (of logits already adjusted toward π̂: (N, K, M)), shrunk toward π̂ like the
-    MAP fixed point: (n_eff·histogram/M + κ·π̂) / (n_eff + κ). Returns (N, K) float64."""
-    num_images, num_classes, num_pixels = adjusted_logits.shape
-    device = adjusted_logits.device
-    centre = _as_rows(dataset_prior, num_classes, device, "dataset_prior")
+def map_count(logits: torch.Tensor, adjust_toward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+              dataset_prior: Any, *, kappa: float, effective_pixels: float, steps: int = 2) -> torch.Tensor:
+    """Hard EM: ``steps`` times q <- (n_eff·h(q) + κ·π̂) / (n_eff + κ), from q = π̂, where h(q) (N, K) is the share of
+    the image's pixels whose argmax after IA toward q wins each class (``adjust_toward(logits, q)``: logits
+    (N, K, M) and priors (N, K) -> adjusted logits). logits: raw (N, K, M). Returns (N, K) float64."""
+    num_images, num_classes, num_pixels = logits.shape
+    device = logits.device
+    centre = _as_rows(dataset_prior, num_classes, device, "dataset_prior").expand(num_images, -1)
     if math.isinf(kappa):
-        return centre.expand(num_images, -1).clone()
-    winners = adjusted_logits.argmax(1)  # (N, M)
-    offsets = torch.arange(num_images, device=device)[:, None] * num_classes
-    histogram = torch.bincount((winners + offsets).flatten(), minlength=num_images * num_classes)
-    shares = histogram.view(num_images, num_classes).to(torch.float64) / num_pixels
+        return centre.clone()
     data_weight = effective_pixels / (effective_pixels + kappa)
-    return data_weight * shares + (1.0 - data_weight) * centre
+    offsets = torch.arange(num_images, device=device)[:, None] * num_classes
+    estimate = centre.clone()
+    for _ in range(steps):
+        winners = adjust_toward(logits, estimate).argmax(1)  # (N, M)
+        histogram = torch.bincount((winners + offsets).flatten(), minlength=num_images * num_classes)
+        shares = histogram.view(num_images, num_classes).to(torch.float64) / num_pixels
+        estimate = data_weight * shares + (1.0 - data_weight) * centre
+    return estimate
 
 
 def floor_rows(probs: torch.Tensor, dataset_prior: Any, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,13 +185,15 @@ def floor_rows(probs: torch.Tensor, dataset_prior: Any, floor: float) -> tuple[t
 
 def estimate_image_priors(logits: torch.Tensor, settings: LocalSettings, *, dataset_prior: Any,
                           posterior_prior: Any, calibrate: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                          adjust_global: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ImagePriors:
+                          adjust_toward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                          ) -> ImagePriors:
     """Per-image priors of a batch of raw logits (N, K, H, W) (any resolution: the model's output grid, the
     input or the label size; ``settings.sample_pixels`` of a regular grid are read).
 
     ``posterior_prior``: the prior the posteriors hold under (the calibrated source prior when
     ``settings.posteriors == "calibrated"``, else the source pixel prior); ``calibrate``: raw logits -> calibrated
-    logits (required for calibrated posteriors); ``adjust_global``: global IA toward π̂ (``map_count`` only).
+    logits (required for calibrated posteriors); ``adjust_toward(logits, priors (N, K))``: IA toward per-image
+    priors (``map_count`` only).
     """
     grid = grid_pixels(logits, settings.sample_pixels)  # (N, K, M)
     device, num_images = logits.device, logits.shape[0]
@@ -200,10 +208,10 @@ def estimate_image_priors(logits: torch.Tensor, settings: LocalSettings, *, data
             grid.softmax(1), posterior_prior, dataset_prior, kappa=settings.kappa,
             effective_pixels=settings.effective_pixels, max_iter=settings.max_iter, tol=settings.tol)
     elif settings.estimator == "map_count":
-        if adjust_global is None:
-            raise ValueError("map_count needs the global IA transform (adjust_global)")
-        probs = map_count(adjust_global(grid), dataset_prior, kappa=settings.kappa,
-                          effective_pixels=settings.effective_pixels)
+        if adjust_toward is None:
+            raise ValueError("map_count needs the IA toward per-image priors (adjust_toward)")
+        probs = map_count(grid, adjust_toward, dataset_prior, kappa=settings.kappa,
+                          effective_pixels=settings.effective_pixels, steps=settings.count_steps)
     else:
         raise ValueError(f"unknown per-image estimator {settings.estimator!r}; known: map_em, map_count")
     centre = _as_rows(dataset_prior, probs.shape[1], device, "dataset_prior")

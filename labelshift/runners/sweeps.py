@@ -16,7 +16,7 @@ import torch
 from labelshift.build import amp_dtype_of, build_model, class_set_of, eval_loader
 from labelshift.config import ConfigError, ExperimentConfig
 from labelshift.ia_sweep import (LABEL_FREE_PREFIX, REFERENCE_SETTING, EstimateOutputs, build_inputs, choose_setting,
-                                 score_setting)
+                                 record_index_of, score_setting)
 from labelshift.logit_cache import LogitCache, build_logit_cache
 from labelshift.runners.tune import TrackingLink, run_cr_trials, run_ia_trials, sweep_storage
 from labelshift.selection import best_index, regret_table
@@ -91,8 +91,12 @@ def ia_summary(inputs, records: list[dict], val_cache: LogitCache, sweep: SweepC
     for name in LABEL_FREE_OBJECTIVES:
         pick = best_index([row[name] for row in rows])
         rows[pick][VAL_METRIC] = val_miou(records[pick]["setting"])
-    chosen_row = {**dict.fromkeys(LABEL_FREE_OBJECTIVES, float("nan")), VAL_METRIC: val_miou(choice["setting"])}
-    label_free = regret_table([*rows, chosen_row], SELECT_METRIC, LABEL_FREE_OBJECTIVES, VAL_METRIC, chosen=len(rows))
+    chosen_index = record_index_of(inputs, records, choice["setting"])
+    if chosen_index is None:  # a fallback no trial ran: a row of its own, never a label-free pick
+        chosen_index = len(rows)
+        rows.append(dict.fromkeys((SELECT_METRIC, *LABEL_FREE_OBJECTIVES), float("nan")))
+    rows[chosen_index][VAL_METRIC] = val_miou(choice["setting"])
+    label_free = regret_table(rows, SELECT_METRIC, LABEL_FREE_OBJECTIVES, VAL_METRIC, chosen=chosen_index)
     for name, row in label_free.items():
         row.update(setting=records[row["trial"]]["setting"], trial=records[row["trial"]]["trial"])
     reference = {**REFERENCE_SETTING, **{k: v for k, v in choice["setting"].items() if k not in REFERENCE_SETTING}}
@@ -100,7 +104,7 @@ def ia_summary(inputs, records: list[dict], val_cache: LogitCache, sweep: SweepC
         "space": "ia", "trials": len(records), "selection_split": SELECT_SPLIT, "uses_target_labels": True,
         "evaluation_split": EVAL_SPLIT, "label_free_objective": sweep.label_free_objective,
         "chosen": {"setting": choice["setting"], "select_miou": choice["select_miou"],
-                   VAL_METRIC: chosen_row[VAL_METRIC], "guard": choice["guard"]},
+                   VAL_METRIC: rows[chosen_index][VAL_METRIC], "guard": choice["guard"]},
         "top": {**choice["top"], VAL_METRIC: val_miou(choice["top"]["setting"])},
         "reference": {"setting": reference, "select_miou": score_setting(inputs, reference, label_free=False)[
             SELECT_METRIC], VAL_METRIC: val_miou(reference)},
