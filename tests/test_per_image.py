@@ -130,3 +130,57 @@ def test_local_mode_needs_a_pixel_prior_and_the_calibration(ia_inputs):
     with pytest.raises(ValueError, match="needs the calibration"):
         ia_transform(local_adjust(), source, target, None)
     assert isinstance(ia_transform(local_adjust(posteriors="raw"), source, target, None), LocalIA)
+
+
+LOCAL_OVERRIDES = ("adjust.mode=local", "adjust.local.kappa=0", "adjust.local.floor=0")  # plain per-image EM
+
+
+def test_job_evaluates_and_pseudo_labels_with_per_image_priors(shared_cfg, tiny_trained, tmp_path):
+    """The tiny world's job with ``adjust.mode: local``: evaluate_adapted gains the local row (global rows
+    unchanged), and the pseudo stage (adapted model + IA as teacher) records each image's prior."""
+    from labelshift.artifacts import LOCAL_IA, TARGET, evaluation_key, ia_name, read_priors
+    from labelshift.pipeline import Pipeline
+    from labelshift.pseudo import IMAGE_PRIORS, LABEL_MANIFEST
+    from labelshift.runners import LocalTrainRunner
+    from labelshift.tracking import Tracker
+
+    out = tiny_trained.copy_stages(tmp_path / "run")
+    cfg = shared_cfg(*LOCAL_OVERRIDES, "pseudo.teacher=adapted_ia", "tracking.enabled=false", out=out)
+    job = Pipeline(cfg, LocalTrainRunner(out / "train"), Tracker(), log=lambda m: None)
+    job.run(("pretrain", "estimate", "evaluate_adapted", "pseudo"))
+    metrics = job.results["evaluate_adapted"]
+    local, global_ia = (metrics[evaluation_key("target_val", name)] for name in (LOCAL_IA, ia_name(TARGET)))
+    assert local != global_ia and local["pixel_accuracy"] != global_ia["pixel_accuracy"]  # other decisions
+    pseudo_dir = out / "stages" / "pseudo"
+    manifest = json.loads((pseudo_dir / LABEL_MANIFEST).read_text())
+    assert manifest["priors"]["mode"] == "local" and IMAGE_PRIORS in manifest["settings"]["directories"]
+    records = sorted((pseudo_dir / IMAGE_PRIORS).glob("*.json"))
+    assert len(records) == manifest["counts"]["images"] == 16
+    dataset_prior = read_priors(tiny_trained.estimate)[TARGET].probs
+    image_priors = np.array([json.loads(path.read_text())["prior"] for path in records])
+    assert image_priors.shape == (16, len(dataset_prior)) and np.allclose(image_priors.sum(1), 1.0)
+    assert np.abs(image_priors - dataset_prior).sum(1).min() > 1e-3  # each image its own prior
+    assert manifest["counts"]["prior_fallbacks"] == 0
+
+
+def test_evaluate_command_with_local_adjustment(tiny_trained, tmp_path):
+    from conftest import DEMO_CONFIG
+    from labelshift.artifacts import CALIBRATION_FILE, SOURCE_CALIBRATED, TARGET, source_prior_name
+    from labelshift.cli import main
+
+    estimate = tiny_trained.estimate
+    common = ["evaluate", "--config", str(DEMO_CONFIG), "--checkpoint", str(tiny_trained.model),
+              "--source-prior", str(estimate / f"{source_prior_name('pixel')}.json"),
+              "--target-prior", str(estimate / f"{TARGET}.json"), *tiny_trained.overrides]
+    calibrated = ["--calibration", str(estimate / CALIBRATION_FILE),
+                  "--calibrated-source-prior", str(estimate / f"{SOURCE_CALIBRATED}.json")]
+    assert main([*common, "--adjust", "ia", "--out", str(tmp_path / "ia.json")]) == 0
+    assert main([*common, "--adjust", "local", *calibrated, "--out", str(tmp_path / "local.json"),
+                 "adjust.local.kappa=.inf"]) == 0
+    assert main([*common, "--adjust", "local", *calibrated, "--out", str(tmp_path / "map_em.json"),
+                 "adjust.local.kappa=100"]) == 0
+    ia, infinite, map_em_run = (json.loads((tmp_path / f"{name}.json").read_text())
+                                for name in ("ia", "local", "map_em"))
+    assert infinite["mode"] == "local" and infinite["miou"] == ia["miou"]  # κ = inf: global IA exactly
+    assert map_em_run["local"]["kappa"] == 100 and map_em_run["per_class_iou"] != ia["per_class_iou"]
+    assert main([*common, "--adjust", "local", "--out", str(tmp_path / "x.json")]) == 2  # needs the calibration
