@@ -234,7 +234,7 @@ def _subset_metrics(comparison: Comparison) -> list[str]:
 def format_table(comparison: Comparison) -> str:
     """Markdown: mIoU (and mIoU* subsets) per row, per-class IoU per row, prior errors; ``(±Δ)`` vs baseline."""
     base = comparison.baseline
-    title = f" (Δ vs {base.label}, {base.run_ids[0][:8]})" if base else ""
+    title = f" (Δ vs {base.label}: {' '.join(base.run_ids)})" if base else ""
     subsets = _subset_metrics(comparison)
     lines = [f"mIoU on {SPLIT}{title}", "",
              "| job | runs | stage | transform | mIoU |" + "".join(f" {m} |" for m in subsets),
@@ -244,7 +244,7 @@ def format_table(comparison: Comparison) -> str:
         for row, metrics in group.rows.items():
             cells = [_number(*metrics[m], comparison.delta(group, row, m)) if m in metrics else ""
                      for m in ("miou", *subsets)]
-            runs = ",".join(run_id[:8] for run_id in group.run_ids)
+            runs = " ".join(group.run_ids)  # full ids: what `--baseline` and RUN_ID take
             lines.append(f"| {group.label} | {runs} | {row[0]} | {row[1]} | " + " | ".join(cells) + " |")
             classes += [m for m in metrics if m.startswith("per_class_iou.") and m not in classes]
     lines += ["", f"per-class IoU on {SPLIT}", "",

@@ -137,7 +137,7 @@ def test_compare_prints_a_table_and_csv_of_the_experiment(jobs, capsys):
     assert code == 0
     miou = _stage_run(jobs, "tau", "evaluate_adapted").data.metrics[metric_key("target_val", "ia_target", "miou")]
     base = _stage_run(jobs, "seed0", "evaluate_adapted").data.metrics[metric_key("target_val", "ia_target", "miou")]
-    line = next(line for line in out.splitlines() if line.startswith(f"| tiny | {parents['tau'][:8]} | "
+    line = next(line for line in out.splitlines() if line.startswith(f"| tiny | {parents['tau']} | "
                                                                      "evaluate_adapted | ia_target |"))
     assert f"{miou:.2f} ({miou - base:+.2f})" in line
     assert "| tiny (n=2) |" in out and "per-class IoU on target_val" in out

@@ -1,5 +1,6 @@
 """``make mlflow-ui`` over a tiny job's store, in headless Chromium: the experiment page lists the job's runs
-(the parent and, expanded, its stage runs); a screenshot goes to outputs/test-artifacts/mlflow_ui.png."""
+(the parent and, expanded, its stage runs), the server hands out a stage run's chart; a screenshot goes to
+outputs/test-artifacts/mlflow_ui.png."""
 from __future__ import annotations
 
 import os
@@ -35,7 +36,9 @@ def job_store(tiny_trained, tmp_path):
     tracker = MlflowTracker(store, "ui-test")
     with tracker.job(cfg):
         Pipeline(cfg, LocalTrainRunner(out / "train"), tracker, log=lambda m: None).run(STAGES)
-    return store, tracker.experiment_id
+    refine = mlflow.MlflowClient(tracker.tracking_uri).search_runs(
+        [tracker.experiment_id], filter_string="tags.`labelshift.stage` = 'refine'")[0]
+    return store, tracker.experiment_id, refine.info.run_id
 
 
 def _wait_for(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
@@ -62,7 +65,7 @@ def test_make_mlflow_ui_lists_the_jobs_runs_in_headless_chromium(job_store, tmp_
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    store, experiment_id = job_store
+    store, experiment_id, refine_run = job_store
     port = free_port()
     # -o: the installed .venv counts as up to date (a test must not reinstall it)
     server = subprocess.Popen(["make", "-s", "-o", ".venv/.installed", "mlflow-ui", f"MLFLOW_STORE={store}",
@@ -75,6 +78,9 @@ def test_make_mlflow_ui_lists_the_jobs_runs_in_headless_chromium(job_store, tmp_
     driver = None
     try:
         _wait_for(f"http://127.0.0.1:{port}/health", server)
+        chart = f"http://127.0.0.1:{port}/get-artifact?path=plots/loss_curve.png&run_uuid={refine_run}"
+        with urllib.request.urlopen(chart, timeout=30) as answer:  # the UI serves the stage run's charts
+            assert answer.read(8) == b"\x89PNG\r\n\x1a\n"
         driver = webdriver.Chrome(service=Service(found[1]), options=options)
         driver.get(f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs")
         WebDriverWait(driver, 90).until(lambda d: JOB_NAME in d.find_element(By.TAG_NAME, "body").text)

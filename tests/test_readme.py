@@ -30,7 +30,8 @@ RUNNABLE = re.compile(r"<!-- runnable -->\s*\n```bash\n(.*?)\n```", re.DOTALL)
 NEVER_RUNNABLE = re.compile(r"^\s*make (demo|test)\b", re.MULTILINE)
 # what the README test's $ARGS adds to the tiny world: a 4-setting IA grid instead of 126 (runtime)
 SWEEP_GRID = 'sweep.ia.parameters={"adjust.temperature":{"values":[0.75,1.0]},"prior.method":{"values":[em,bbse]}}'
-NAMESPACES = ["unshare", "--user", "--map-root-user", "--net", "--pid", "--fork", "--mount-proc"]
+NAMESPACES = ["unshare", "--net", "--pid", "--fork", "--mount-proc"]
+AS_USER = ["--user", "--map-root-user"]  # unprivileged; root may create the namespaces without a user namespace
 
 
 def runnable_blocks(text: str) -> list[str]:
@@ -104,11 +105,22 @@ def test_the_readme_links_to_files_that_exist():
     assert all((PROJECT / target).exists() for target in targets if target), sorted(targets)
 
 
+def _namespaces() -> list[str] | None:
+    """The unshare command line that works here (private network, PID and mount namespaces), or None."""
+    if shutil.which("unshare") is None:
+        return None
+    for command in (NAMESPACES[:1] + AS_USER + NAMESPACES[1:], NAMESPACES):
+        if subprocess.run(command + ["true"], capture_output=True).returncode == 0:
+            return command
+    return None
+
+
 def test_the_readmes_runnable_blocks_work_on_the_tiny_world(tiny_world, tmp_path, monkeypatch):
-    if shutil.which("unshare") is None or subprocess.run(NAMESPACES + ["true"], capture_output=True).returncode:
+    namespaces = _namespaces()
+    if namespaces is None:
         if os.environ.get("CI") == "true":
-            pytest.fail("unshare (util-linux) cannot create user/net/pid namespaces here")
-        pytest.skip("unshare cannot create user/net/pid namespaces here (the blocks use fixed ports)")
+            pytest.fail("unshare (util-linux) cannot create network/PID/mount namespaces here")
+        pytest.skip("unshare cannot create network/PID/mount namespaces here (the blocks use fixed ports)")
     checkout = _checkout(tmp_path / "labelshift")
     monkeypatch.chdir(checkout)  # the README's relative paths (outputs/demo/world, ...) resolve here
     args = _tiny_args(tiny_world)
@@ -121,7 +133,7 @@ def test_the_readmes_runnable_blocks_work_on_the_tiny_world(tiny_world, tmp_path
            "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0", "PATH": os.environ["PATH"]}
     for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "VIRTUAL_ENV", "LABELSHIFT_SERVE_TOKEN"):
         env.pop(name, None)
-    run = subprocess.run(NAMESPACES + ["bash", "-c", _script(blocks)], cwd=checkout, env=env, capture_output=True,
+    run = subprocess.run(namespaces + ["bash", "-c", _script(blocks)], cwd=checkout, env=env, capture_output=True,
                          text=True, timeout=600)
     log = run.stdout + run.stderr
     (tmp_path / "readme_blocks.log").write_text(log)

@@ -11,7 +11,9 @@ timing come from the cached logits (EM and counting), which changes no cost.
 Digits: scikit-learn's digits, the priors benchmark's model and Dirichlet-shifted targets; per target set
 a labelled selection part (``--digits-select`` points) and a test part; the IA grid is scored on the selection
 part (labelled choice) and by each label-free objective on the whole unlabelled target set; regret = test mIoU
-of the labelled choice − of the label-free choice.
+of the labelled choice − of the label-free choice. The guarded choice (``sweep.selection``'s default rule: the
+top setting only when it beats the default T = τ = 1 with EM on BCTS on >= 90 % of paired bootstrap resamples
+of the selection points) is scored against that default on the test part.
 
 ``python -m labelshift.bench.sweep [--models deeplabv2_resnet101,small] [--images 20] [--world-sweep DIR]``
 ends with one JSON line ``{"trials", "sweep_s", "single_eval_s", "ratio", "label_free_regret_miou", ...}``.
@@ -39,6 +41,8 @@ TIMING_CONCURRENT_TRIALS = 2  # one trial per core of the 2-CPU Ray instance (IA
 DIGITS_GRID = {"adjust.temperature": [0.75, 1.0, 1.5], "adjust.tau_source": [0.5, 1.0],
                "adjust.tau_target": [0.5, 1.0, 1.5],
                "prior.method": [EM_BCTS, *PIXEL_METHODS]}  # digits' pixel methods see the raw softmax, bbse + em_bcts BCTS
+DIGITS_DEFAULT = {"adjust.temperature": 1.0, "adjust.tau_source": 1.0, "adjust.tau_target": 1.0,
+                  "prior.method": EM_BCTS}  # the guard's fallback on digits (no reference estimator there)
 
 
 # ------------------------------------------------------------------------------------------------------ timing
@@ -110,14 +114,29 @@ def time_model(model_name: str, world: Path, images: int, log) -> dict[str, Any]
 
 
 # ------------------------------------------------------------------------------------------------------ digits
-def _digits_scores(task, estimates, logits, labels, reference, setting) -> dict[str, float]:
+def _digits_adjusted(task, estimates, logits, setting) -> torch.Tensor:
     from labelshift.adjust import adjust_logits
+
+    return adjust_logits(logits.float(), task.source_prior, estimates[setting["prior.method"]],
+                         temperature=setting["adjust.temperature"], tau_source=setting["adjust.tau_source"],
+                         tau_target=setting["adjust.tau_target"])
+
+
+def _digits_point_confusions(task, estimates, logits, rows, setting) -> np.ndarray:
+    """(N, K, K) one-hot confusion [true, predicted] of each selection point ``rows`` (indices, labels)."""
+    num_classes = len(task.classes)
+    predicted = _digits_adjusted(task, estimates, logits, setting)[rows[0]].argmax(1).numpy()
+    matrices = np.zeros((len(predicted), num_classes, num_classes), dtype=np.int64)
+    matrices[np.arange(len(predicted)), rows[1], predicted] = 1
+    return matrices
+
+
+def _digits_scores(task, estimates, logits, labels, reference, setting) -> dict[str, float]:
     from labelshift.metrics import ConfusionMatrix
     from labelshift.selection import LabelFreeScores
 
     prior = estimates[setting["prior.method"]]
-    adjusted = adjust_logits(logits.float(), task.source_prior, prior, temperature=setting["adjust.temperature"],
-                             tau_source=setting["adjust.tau_source"], tau_target=setting["adjust.tau_target"])
+    adjusted = _digits_adjusted(task, estimates, logits, setting)
     scores = {}
     for name, rows in labels.items():
         matrix = ConfusionMatrix(len(task.classes))
@@ -132,8 +151,10 @@ def run_digits(seeds: int = 5, concentrations=(0.1, 1.0, 10.0), target_size: int
                select_size: int = 100) -> dict[str, Any]:
     """Label-free vs labelled choice of IA settings on digits (see the module docstring)."""
     from labelshift.bench.priors import _estimates, prepare_digits, sample_target
-    from labelshift.selection import ReferencePosterior, regret_table
+    from labelshift.config.sweep import SelectionRule
+    from labelshift.selection import ReferencePosterior, paired_bootstrap_wins, regret_table
 
+    rule = SelectionRule()
     task = prepare_digits(0)
     settings = [dict(zip(DIGITS_GRID, values)) for values in itertools.product(*DIGITS_GRID.values())]
     draws = []
@@ -149,12 +170,22 @@ def run_digits(seeds: int = 5, concentrations=(0.1, 1.0, 10.0), target_size: int
                  "test": (np.arange(select_size, len(indices)), task.pool_labels[indices[select_size:]])}
         rows = [_digits_scores(task, estimates, logits, split, reference, s) for s in settings]
         table = regret_table(rows, "select", LABEL_FREE_OBJECTIVES, "test")
-        draws.append({"alpha": alpha, "seed": seed, "labelled_test_miou": rows[int(np.argmax(
-            [r["select"] for r in rows]))]["test"], **{k: v for k, v in table.items()}})
+        top, default = int(np.argmax([r["select"] for r in rows])), settings.index(DIGITS_DEFAULT)
+        wins = paired_bootstrap_wins(*(_digits_point_confusions(task, estimates, logits, split["select"], settings[i])
+                                       for i in (top, default)), rule.bootstrap, seed)
+        guarded = top if wins >= rule.guard_level else default
+        guard = {"top_beats_default": wins, "top_minus_default": rows[top]["test"] - rows[default]["test"],
+                 "guarded_minus_default": rows[guarded]["test"] - rows[default]["test"]}
+        draws.append({"alpha": alpha, "seed": seed, "labelled_test_miou": rows[top]["test"], "guard": guard,
+                      **{k: v for k, v in table.items()}})
     summary = {name: {"mean_regret": float(np.mean([d[name]["regret"] for d in draws])),
                       "max_regret": float(np.max([d[name]["regret"] for d in draws])),
                       "differs": int(sum(d[name]["differs"] for d in draws)), "draws": len(draws)}
                for name in LABEL_FREE_OBJECTIVES}
+    for choice in ("top", "guarded"):  # test mIoU of the choice − of the default setting
+        gains = np.array([d["guard"][f"{choice}_minus_default"] for d in draws])
+        summary[f"{choice}_vs_default"] = {"mean": float(gains.mean()), "worst": float(gains.min()),
+                                           "below_default": int((gains < 0).sum()), "draws": len(draws)}
     return {"settings": len(settings), "select_size": select_size, "target_size": target_size, "summary": summary,
             "draws": draws}
 
