@@ -144,7 +144,8 @@ def _parent_of(mlflow, run_id: str):
 def load_jobs(tracking_uri: str, experiment: str | None = None, run_ids: Iterable[str] = (),
               transforms: tuple[str, ...] | None = DEFAULT_TRANSFORMS) -> list[Job]:
     """The jobs of ``run_ids`` (a stage run stands for its job), else every job of ``experiment`` (default: of
-    every experiment) that has an evaluation, oldest first. ``transforms``: the rows to read (None: all). Raises :class:`CompareError`."""
+    every experiment) that has an evaluation, oldest first. ``transforms``: the rows to read (None: all).
+    Raises :class:`CompareError`."""
     mlflow = _open_store(tracking_uri)
     if run_ids:
         parents = list({run.info.run_id: run for run in (_parent_of(mlflow, i) for i in run_ids)}.values())
@@ -289,7 +290,8 @@ def plot_comparison(comparison: Comparison, path: Path) -> Path:
     for group in comparison.groups:
         for row, metrics in group.rows.items():
             name = f"{group.label} · {row[0].removeprefix('evaluate_')} · {row[1]}"
-            per_class = {m.removeprefix("per_class_iou."): v for m, v in metrics.items() if m.startswith("per_class_iou.")}
+            per_class = {m.removeprefix("per_class_iou."): v for m, v in metrics.items()
+                         if m.startswith("per_class_iou.")}
             series[name] = {c: mean for c, (mean, _) in per_class.items()}
             errors[name] = {c: sd or 0.0 for c, (_, sd) in per_class.items()}
             if row in reference.rows and group is not reference:

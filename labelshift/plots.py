@@ -55,8 +55,8 @@ def per_class_iou_bars(per_class: Mapping[str, Mapping[str, float | None]], path
         baseline = {name: baseline for name in series if name != baseline} if baseline in series else {}
     baseline_of = {name: base for name, base in (baseline or {}).items() if name in series and base in series}
     others = [i for i, name in enumerate(series) if name in baseline_of]
-    figure, axes = plt.subplots(2 if others else 1, 1, figsize=(max(6.0, 0.45 * len(classes) * max(1, len(series)) ** 0.5),
-                                                                   6.5 if others else 3.8), squeeze=False)
+    width_inches = max(6.0, 0.45 * len(classes) * max(1, len(series)) ** 0.5)
+    figure, axes = plt.subplots(2 if others else 1, 1, figsize=(width_inches, 6.5 if others else 3.8), squeeze=False)
     width = 0.8 / len(series)
     positions = np.arange(len(classes))
     for i, name in enumerate(series):

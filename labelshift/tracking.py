@@ -3,8 +3,9 @@
 One parent run per job (the resolved config as flat params and as a ``config.json`` artifact, the process's
 runtime environment as ``environment.json`` and a few ``labelshift.*`` tags, the summary table as artifacts and its
 rows as ``results/<row>.<column>`` metrics) and one nested run per stage (metrics, artifacts, charts under
-``plots/``, and the training loss while it trains, through a :class:`MlflowMetricSink`). Runs end FINISHED or FAILED; on SIGTERM/SIGINT they end KILLED. Runs of the same
-output directory left RUNNING by a job that was SIGKILLed are closed as KILLED when the job restarts.
+``plots/``, and the training loss while it trains, through a :class:`MlflowMetricSink`). Runs end FINISHED or
+FAILED; on SIGTERM/SIGINT they end KILLED. Runs of the same output directory left RUNNING by a job that was
+SIGKILLed are closed as KILLED when the job restarts.
 
 Artifacts live next to the tracking store, never in the temporary copy of the code that ``ray job submit
 --working-dir`` runs a job from (Ray deletes it): experiments of a sqlite store are created with

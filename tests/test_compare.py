@@ -66,10 +66,11 @@ def test_the_parent_run_carries_the_results_table(jobs):
     refined = _stage_run(jobs, "seed0", "evaluate_refined").data.metrics
     metrics = parent.data.metrics
     assert metrics[results_key("source_only", "target_val_miou")] == adapted[metric_key("target_val", "none", "miou")]
-    assert metrics[results_key("ia_estimate", "target_val_miou")] == adapted[metric_key("target_val", "ia_target", "miou")]
+    ia_target = metric_key("target_val", "ia_target", "miou")
+    assert metrics[results_key("ia_estimate", "target_val_miou")] == adapted[ia_target]
     assert metrics[results_key("cr", "target_val_miou")] == refined[metric_key("target_val", "none", "miou")]
-    assert metrics[results_key("cr", "gain")] == pytest.approx(
-        round(metrics[results_key("cr", "target_val_miou")] - metrics[results_key("source_only", "target_val_miou")], 2))
+    cr, source_only = (metrics[results_key(row, "target_val_miou")] for row in ("cr", "source_only"))
+    assert metrics[results_key("cr", "gain")] == pytest.approx(round(cr - source_only, 2))
     assert metrics[results_key("source_only", "source_val_miou")] == adapted[metric_key("source_val", "none", "miou")]
 
 

@@ -132,7 +132,7 @@ def test_local_mode_needs_a_pixel_prior_and_the_calibration(ia_inputs):
     assert isinstance(ia_transform(local_adjust(posteriors="raw"), source, target, None), LocalIA)
 
 
-LOCAL_OVERRIDES = ("adjust.mode=local", "adjust.local.kappa=0", "adjust.local.floor=0")  # plain per-image EM
+LOCAL_OVERRIDES = ("adjust.mode=local", "adjust.local.estimator=map_count", "adjust.local.kappa=300")
 
 
 def test_job_evaluates_and_pseudo_labels_with_per_image_priors(shared_cfg, tiny_trained, tmp_path):
