@@ -172,16 +172,17 @@ def test_evaluate_command_with_local_adjustment(tiny_trained, tmp_path):
     estimate = tiny_trained.estimate
     common = ["evaluate", "--config", str(DEMO_CONFIG), "--checkpoint", str(tiny_trained.model),
               "--source-prior", str(estimate / f"{source_prior_name('pixel')}.json"),
-              "--target-prior", str(estimate / f"{TARGET}.json"), *tiny_trained.overrides]
+              "--target-prior", str(estimate / f"{TARGET}.json")]
+    overrides = list(tiny_trained.overrides)
     calibrated = ["--calibration", str(estimate / CALIBRATION_FILE),
                   "--calibrated-source-prior", str(estimate / f"{SOURCE_CALIBRATED}.json")]
-    assert main([*common, "--adjust", "ia", "--out", str(tmp_path / "ia.json")]) == 0
-    assert main([*common, "--adjust", "local", *calibrated, "--out", str(tmp_path / "local.json"),
+    assert main([*common, "--adjust", "ia", "--out", str(tmp_path / "ia.json"), *overrides]) == 0
+    assert main([*common, "--adjust", "local", *calibrated, "--out", str(tmp_path / "local.json"), *overrides,
                  "adjust.local.kappa=.inf"]) == 0
-    assert main([*common, "--adjust", "local", *calibrated, "--out", str(tmp_path / "map_em.json"),
+    assert main([*common, "--adjust", "local", *calibrated, "--out", str(tmp_path / "map_em.json"), *overrides,
                  "adjust.local.kappa=100"]) == 0
     ia, infinite, map_em_run = (json.loads((tmp_path / f"{name}.json").read_text())
                                 for name in ("ia", "local", "map_em"))
     assert infinite["mode"] == "local" and infinite["miou"] == ia["miou"]  # κ = inf: global IA exactly
     assert map_em_run["local"]["kappa"] == 100 and map_em_run["calibrated_source_prior"]["kind"] == "pixel"
-    assert main([*common, "--adjust", "local", "--out", str(tmp_path / "x.json")]) == 2  # needs the calibration
+    assert main([*common, "--adjust", "local", "--out", str(tmp_path / "x.json"), *overrides]) == 2  # no calibration

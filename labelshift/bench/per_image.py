@@ -192,3 +192,107 @@ def local_transform(run: SeedRun, centre: ClassPrior, **local: Any) -> LocalIA:
     """The library's local IA (``ia_transform`` with ``adjust.mode: local``) centred on ``centre``."""
     adjust = AdjustConfig(mode="local", local=LocalAdjustConfig(**local))
     return ia_transform(adjust, run.source, centre, run.calibration)
+
+
+# ------------------------------------------------------------------------------------------------ measurements
+def log_ratio_error(estimate: np.ndarray, oracle: np.ndarray) -> float:
+    """mean_c |log π̂_c − log π_c| (both floored): the error of IA's shift, which weighs rare classes fully."""
+    return float(np.mean(np.abs(np.log(floor_probabilities(estimate, warn=False))
+                                - np.log(floor_probabilities(oracle, warn=False)))))
+
+
+def estimator_rows(run: SeedRun) -> dict[str, dict[str, float]]:
+    """Per estimator of the estimate stage: L1 and log-ratio error against the target-train oracle of its kind,
+    IA mIoU on target val (from evaluate_adapted) and the share of the pixel-oracle IA gain."""
+    metrics = json.loads((run.stages / "evaluate_adapted" / "metrics.json").read_text())
+
+    def miou(transform: str) -> float:
+        return float(metrics[evaluation_key("target_val", transform)]["miou"])
+
+    none, oracle = miou(NO_ADJUST), miou(ia_name(oracle_name("pixel")))
+    rows = {}
+    for name, prior in run.priors.items():
+        if not name.startswith(estimate_name("")):
+            continue
+        truth = run.priors[oracle_name(prior.kind)].probs
+        ia_miou = miou(ia_name(name))
+        rows[name[len(estimate_name("")):]] = {
+            "kind": prior.kind, "l1": prior_l1(prior.probs, truth), "log_ratio": log_ratio_error(prior.probs, truth),
+            "ia_miou": ia_miou, "share": (ia_miou - none) / (oracle - none) if oracle - none > 1e-9 else None}
+    rows["_none"] = {"ia_miou": none, "oracle_ia_miou": oracle}
+    return rows
+
+
+def ceilings(run: SeedRun, split: str = "target_val") -> dict[str, float]:
+    """mIoU (percent) of: no adjustment, IA with the dataset oracle (target-train labels), IA with each image's
+    own label prior, and that prior shrunk toward the dataset oracle, (1 − λ)·q_image + λ·π, for each λ."""
+    cache, dataset = run.caches[split], run.priors[oracle_name("pixel")]
+    global_ia = ia_transform(AdjustConfig(), run.source, dataset, run.calibration)
+    result = {"none": miou_with_rows(cache, None),
+              "dataset_oracle": miou_with_rows(cache, lambda index, logits: global_ia(logits))}
+    own = image_label_priors(cache)
+    transform = local_transform(run, dataset)
+    for strength in SHRINK_STRENGTHS:
+        mixed = (1.0 - strength) * own + strength * torch.from_numpy(dataset.probs)[None]
+        result[f"image_oracle_shrunk_{strength:g}"] = miou_with_priors(cache, transform, mixed)
+    return result
+
+
+def local_candidates() -> list[dict[str, Any]]:
+    """The per-image settings searched on the selection split (``effective_pixels`` 1000 throughout)."""
+    candidates = [{"estimator": "map_em", "kappa": kappa} for kappa in (100.0, 300.0, 1000.0, 3000.0)]
+    candidates += [{"estimator": "map_count", "kappa": kappa, "count_steps": steps}
+                   for kappa in (100.0, 300.0, 1000.0, 3000.0) for steps in (1, 2, 3)]
+    return candidates
+
+
+def local_scores(run: SeedRun, centre_method: str, split: str) -> list[dict[str, Any]]:
+    """mIoU of every candidate on ``split`` with its safety counts and cost (ms per image, the batched estimate
+    of the whole split at the output stride, one process)."""
+    cache, centre = run.caches[split], run.estimate(centre_method)
+    logits = stacked_logits(cache)
+    scores = []
+    for candidate in local_candidates():
+        transform = local_transform(run, centre, **candidate)
+        started = time.perf_counter()
+        priors = transform.image_priors(logits)
+        cost_ms = 1000.0 * (time.perf_counter() - started) / len(cache)
+        scores.append({**candidate, "miou": miou_with_priors(cache, transform, priors.probs), "ms_per_image": cost_ms,
+                       **priors.counts()})
+    return scores
+
+
+def local_result(run: SeedRun, centre_method: str = "em") -> dict[str, Any]:
+    """Global IA with the dataset estimate vs the local setting chosen on the selection split, on target val;
+    the share of the per-image oracle headroom (per-image oracle − global IA) the choice recovers."""
+    centre = run.estimate(centre_method)
+    global_ia = ia_transform(AdjustConfig(), run.source, centre, run.calibration)
+    select = local_scores(run, centre_method, "target_select")
+    chosen = max(select, key=lambda score: score["miou"])
+    setting = {key: chosen[key] for key in ("estimator", "kappa", "count_steps") if key in chosen}
+    val = {json.dumps(score_key(s)): s for s in local_scores(run, centre_method, "target_val")}
+    chosen_val = val[json.dumps(score_key(chosen))]
+    global_val = miou_with_rows(run.caches["target_val"], lambda index, logits: global_ia(logits))
+    image_oracle = ceilings_cache(run)["image_oracle_shrunk_0"]
+    return {"centre": centre_method, "chosen": setting, "chosen_select_miou": chosen["miou"],
+            "global_select_miou": miou_with_rows(run.caches["target_select"], lambda i, z: global_ia(z)),
+            "global_val_miou": global_val, "local_val_miou": chosen_val["miou"],
+            "gain": chosen_val["miou"] - global_val,
+            "headroom_share": (chosen_val["miou"] - global_val) / (image_oracle - global_val),
+            "chosen_val_counts": {key: chosen_val[key] for key in ("images", "fallback_images", "floored_images",
+                                                                    "floored_classes", "ms_per_image")},
+            "select_scores": select, "val_scores": list(val.values())}
+
+
+def score_key(score: dict[str, Any]) -> dict[str, Any]:
+    return {key: score[key] for key in ("estimator", "kappa", "count_steps") if key in score}
+
+
+_CEILINGS: dict[int, dict[str, float]] = {}
+
+
+def ceilings_cache(run: SeedRun) -> dict[str, float]:
+    """:func:`ceilings` of target val, computed once per seed."""
+    if run.seed not in _CEILINGS:
+        _CEILINGS[run.seed] = ceilings(run)
+    return _CEILINGS[run.seed]

@@ -69,7 +69,8 @@ def _search_algorithm(space: SpaceConfig, seed: int):
 
 
 def _run_tuner(trainable, space: SpaceConfig, *, storage_path: str, name: str, seed: int,
-               tracking: TrackingLink | None, space_name: str, scheduler=None) -> list[dict]:
+               tracking: TrackingLink | None, space_name: str, scheduler=None, reuse_actors: bool = False
+               ) -> list[dict]:
     from ray import tune
 
     search = _search_algorithm(space, seed)
@@ -77,7 +78,8 @@ def _run_tuner(trainable, space: SpaceConfig, *, storage_path: str, name: str, s
     tuner = tune.Tuner(
         trainable, param_space=param_space(space),
         tune_config=tune.TuneConfig(metric=SELECT_METRIC, mode="max", num_samples=space.num_samples,
-                                    max_concurrent_trials=limit, scheduler=scheduler, search_alg=search),
+                                    max_concurrent_trials=limit, scheduler=scheduler, search_alg=search,
+                                    reuse_actors=reuse_actors),
         run_config=tune.RunConfig(name=name, storage_path=storage_path,
                                   callbacks=tracking.callbacks(space_name) if tracking else []))
     results = tuner.fit()
@@ -101,12 +103,13 @@ def _ia_trial(config: dict, inputs) -> None:
 
 def run_ia_trials(inputs, space: SpaceConfig, *, storage_path: str, name: str, seed: int = 0,
                   tracking: TrackingLink | None = None) -> list[dict]:
-    """One trial per setting over the cached logits; returns ``{"trial", "setting", "metrics"}`` per trial."""
+    """One trial per setting over the cached logits; returns ``{"trial", "setting", "metrics"}`` per trial. Trials
+    reuse their actors (a fresh actor per trial would import torch and the library again: seconds per trial)."""
     from ray import tune
 
     trainable = tune.with_resources(tune.with_parameters(_ia_trial, inputs=inputs), {"cpu": space.cpus_per_trial})
     return _run_tuner(trainable, space, storage_path=storage_path, name=name, seed=seed, tracking=tracking,
-                      space_name="ia")
+                      space_name="ia", reuse_actors=True)
 
 
 def _cr_worker(payload: dict) -> None:
