@@ -133,8 +133,8 @@ def _mixed_block_keys(mixed: MixedBlocks, plan: UpsamplePlan, labels: torch.Tens
     of the bilinearly upsampled map. Blocks are grouped by their pixel shape (rows × columns) and their number
     of candidate classes rounded up to a power of two; a group interpolates the top-ranked classes of its
     blocks, as many as its largest number of candidates (a class beyond a block's own candidates never wins
-    there), over whole blocks at once, with PyTorch's formula
-    (per row: the columns' mix of the two top corners and of the two bottom ones, then the rows' mix).
+    there), over whole blocks at once, with PyTorch's formula (per row: the columns' mix of the two top corners
+    and of the two bottom ones, then the rows' mix).
     ``labels``: (H·W,) flat labels (uint8 or int64)."""
     width, cells_per_row = plan.high[1], plan.low[1]
     block_rows, block_cols = mixed.blocks // cells_per_row, mixed.blocks % cells_per_row

@@ -35,8 +35,8 @@ def planted_posteriors(priors: np.ndarray, pixels: int, seed: int = 0) -> torch.
     return torch.stack(rows)
 
 
-def local_adjust(**local) -> AdjustConfig:
-    return AdjustConfig(mode="local", local=LocalAdjustConfig(**local))
+def local_adjust(estimator: str = "map_em", **local) -> AdjustConfig:
+    return AdjustConfig(mode="local", local=LocalAdjustConfig(estimator=estimator, **local))
 
 
 def test_map_em_recovers_planted_per_image_priors_and_shrinks_toward_the_dataset_prior():
@@ -130,6 +130,7 @@ def test_local_mode_needs_a_pixel_prior_and_the_calibration(ia_inputs):
     with pytest.raises(ValueError, match="needs the calibration"):
         ia_transform(local_adjust(), source, target, None)
     assert isinstance(ia_transform(local_adjust(posteriors="raw"), source, target, None), LocalIA)
+    assert isinstance(ia_transform(local_adjust("map_count"), source, target, None), LocalIA)  # reads no posterior
 
 
 LOCAL_OVERRIDES = ("adjust.mode=local", "adjust.local.estimator=map_count", "adjust.local.kappa=300")
@@ -185,4 +186,5 @@ def test_evaluate_command_with_local_adjustment(tiny_trained, tmp_path):
                                 for name in ("ia", "local", "map_em"))
     assert infinite["mode"] == "local" and infinite["miou"] == ia["miou"]  # κ = inf: global IA exactly
     assert map_em_run["local"]["kappa"] == 100 and map_em_run["calibrated_source_prior"]["kind"] == "pixel"
-    assert main([*common, "--adjust", "local", "--out", str(tmp_path / "x.json"), *overrides]) == 2  # no calibration
+    assert main([*common, "--adjust", "local", "--out", str(tmp_path / "x.json"), *overrides,
+                 "adjust.local.estimator=map_em"]) == 2  # map_em on calibrated posteriors needs the calibration

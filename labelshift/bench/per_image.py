@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -41,7 +40,6 @@ from labelshift.priors import ClassPrior, SourcePriors, floor_probabilities, pri
 
 CACHED_SPLITS = ("target_val", "target_select")
 SHRINK_STRENGTHS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9)  # λ of (1 − λ)·q_image + λ·π_dataset
-KAPPAS = (0.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0, math.inf)  # with effective_pixels = 1000
 
 
 @dataclass
@@ -296,3 +294,128 @@ def ceilings_cache(run: SeedRun) -> dict[str, float]:
     if run.seed not in _CEILINGS:
         _CEILINGS[run.seed] = ceilings(run)
     return _CEILINGS[run.seed]
+
+
+# ------------------------------------------------------------------------------------------------------ digits
+def digits_small_batches(batch_sizes: Sequence[int] = (10, 30, 100), batches: int = 40, spread: float = 10.0,
+                         seed: int = 0) -> dict[str, dict[str, float]]:
+    """Digits (the priors benchmark's logistic regression, IA in the calibrated space): a dataset prior
+    π_D ~ Dirichlet(1), per batch a prior q_b ~ Dirichlet(``spread``·π_D) and ``batch_size`` points drawn with
+    it. Accuracy (percent) per batch size of: no adjustment, IA with the dataset oracle (all batches' labels),
+    with each batch's own label prior (and shrunk half way), and per-batch MAP-EM / hard EM centred on the
+    dataset's EM + BCTS estimate (a batch is one "image" whose points are independent: effective_pixels = n)."""
+    from labelshift.bench.priors import prepare_digits, sample_target
+    from labelshift.estimate import estimate_prior
+
+    task = prepare_digits(seed)
+    names, num_classes = task.classes, len(task.classes)
+    source = ClassPrior(names, task.source_prior, "pixel")
+    rng = np.random.default_rng([seed, 15])
+    dataset_prior = rng.dirichlet(np.ones(num_classes))
+    results = {}
+    for size in batch_sizes:
+        picks = [sample_target(task.pool_labels, rng.dirichlet(spread * dataset_prior), size, rng)
+                 for _ in range(batches)]
+        logits = torch.stack([task.pool_logits[p] for p in picks]).permute(0, 2, 1)[:, :, None, :]  # (B, K, 1, n)
+        labels = torch.stack([torch.from_numpy(task.pool_labels[p]) for p in picks])  # (B, n)
+        own = torch.stack([torch.bincount(row, minlength=num_classes) for row in labels]).double()
+        pooled = ClassPrior(names, floor_probabilities(own.sum(0).numpy(), warn=False), "pixel")
+        calibrated = task.calibration.apply(logits.squeeze(2).permute(0, 2, 1).reshape(-1, num_classes)).softmax(1)
+        estimate = estimate_prior(calibrated, "em", classes=names, source_prior=source, bootstrap=0)
+        calibrated_ia = AdjustConfig(space="calibrated")
+
+        def accuracy(adjusted: torch.Tensor) -> float:
+            return 100.0 * float((adjusted.argmax(1)[:, 0] == labels).double().mean())
+
+        global_ia = ia_transform(calibrated_ia, source, estimate, task.calibration)
+        oracle_local = ia_transform(calibrated_ia.model_copy(update={"mode": "local"}), source, pooled,
+                                    task.calibration)
+        own_probs = torch.from_numpy(floor_probabilities(own.numpy(), warn=False))
+        row = {"none": accuracy(logits), "dataset_oracle": accuracy(ia_transform(calibrated_ia, source, pooled,
+                                                                                 task.calibration)(logits)),
+               "global_em": accuracy(global_ia(logits)),
+               "batch_oracle": accuracy(oracle_local._adjust_toward(logits, own_probs)),
+               "batch_oracle_shrunk_0.5": accuracy(oracle_local._adjust_toward(
+                   logits, 0.5 * own_probs + 0.5 * torch.from_numpy(pooled.probs)[None]))}
+        for estimator, kappa in (("map_em", 0.0), ("map_em", size / 3), ("map_em", float(size)),
+                                 ("map_count", float(size))):
+            local = ia_transform(calibrated_ia.model_copy(update={"mode": "local", "local": LocalAdjustConfig(
+                estimator=estimator, kappa=kappa, effective_pixels=size, floor=0.01)}), source, estimate,
+                task.calibration)
+            row[f"{estimator}_kappa_{kappa / size:.2g}n"] = accuracy(local(logits))
+        results[str(size)] = row
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------- report
+def across_worlds(rows: dict[int, dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Per estimator over the seeds: mean L1, mean log-ratio error, mean and worst share of the oracle gain."""
+    methods = [m for m in next(iter(rows.values())) if not m.startswith("_")]
+    summary = {}
+    for method in methods:
+        shares = [seed_rows[method]["share"] for seed_rows in rows.values() if seed_rows[method]["share"] is not None]
+        summary[method] = {"kind": next(iter(rows.values()))[method]["kind"],
+                           "l1": float(np.mean([r[method]["l1"] for r in rows.values()])),
+                           "log_ratio": float(np.mean([r[method]["log_ratio"] for r in rows.values()])),
+                           "share_mean": float(np.mean(shares)) if shares else None,
+                           "share_worst": float(np.min(shares)) if shares else None}
+    return summary
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The report's tables."""
+    lines = ["# Per-image priors benchmark", "", "## Dataset estimate across world seeds "
+             f"{result['world_seeds']}", "", "| estimator | kind | L1 | log-ratio error | share of oracle gain "
+             "(mean / worst) |", "|---|---|---:|---:|---:|"]
+    for method, row in result["across_worlds"].items():
+        share = "–" if row["share_mean"] is None else f"{100 * row['share_mean']:.0f} % / {100 * row['share_worst']:.0f} %"
+        lines.append(f"| `{method}` | {row['kind']} | {row['l1']:.3f} | {row['log_ratio']:.3f} | {share} |")
+    lines += ["", "## Ceilings and local IA (target val)", "", "| seed | none | dataset oracle | image oracle | "
+              "global IA (em) | local (chosen on select) | gain | headroom share | chosen |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for seed, local in result["local"].items():
+        ceiling = result["ceilings"][seed]
+        lines.append(f"| {seed} | {ceiling['none']:.2f} | {ceiling['dataset_oracle']:.2f} | "
+                     f"{ceiling['image_oracle_shrunk_0']:.2f} | {local['global_val_miou']:.2f} | "
+                     f"{local['local_val_miou']:.2f} | {local['gain']:+.2f} | {100 * local['headroom_share']:.0f} % | "
+                     f"{local['chosen']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(",") if part.strip())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m labelshift.bench.per_image", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--out", default="outputs/bench_per_image")
+    parser.add_argument("--seed0-stages", default="outputs/demo/stages", help="the demo's stages (world seed 0)")
+    parser.add_argument("--world-seeds", type=_ints, default=(0, 1, 2, 3, 4))
+    parser.add_argument("--local-seeds", type=_ints, default=(0, 1, 2))
+    parser.add_argument("--skip-digits", action="store_true")
+    args = parser.parse_args(argv)
+    out = Path(args.out).resolve()
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    runs = {seed: prepare_seed(args.config, out, seed, Path(args.seed0_stages).resolve(), log)
+            for seed in dict.fromkeys((*args.world_seeds, *args.local_seeds))}
+    rows = {seed: estimator_rows(runs[seed]) for seed in args.world_seeds}
+    result: dict[str, Any] = {"world_seeds": list(args.world_seeds), "estimators": rows,
+                              "across_worlds": across_worlds(rows),
+                              "ceilings": {seed: ceilings_cache(runs[seed]) for seed in args.local_seeds},
+                              "local": {seed: local_result(runs[seed]) for seed in args.local_seeds}}
+    gains = [local["gain"] for local in result["local"].values()]
+    result["local_summary"] = {"gain_mean": float(np.mean(gains)), "gain_min": float(np.min(gains)),
+                               "headroom_share_mean": float(np.mean([l["headroom_share"]
+                                                                     for l in result["local"].values()]))}
+    result["digits"] = None if args.skip_digits else digits_small_batches()
+    report = markdown(result)
+    write_text_atomic(out / "per_image_benchmark.md", report)
+    write_json_atomic(out / "per_image_benchmark.json", result)
+    print(report)
+    print(json.dumps({"across_worlds": result["across_worlds"], "local": result["local_summary"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

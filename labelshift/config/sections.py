@@ -189,15 +189,15 @@ class LocalAdjustConfig(StrictModel):
     toward its current prior, ``count_steps`` times from π̂ (the first step adjusts toward π̂: global IA).
     """
 
-    estimator: Literal["map_em", "map_count"] = "map_em"
+    estimator: Literal["map_em", "map_count"] = "map_count"  # chosen on the selection split (docs/per_image_priors.md)
     kappa: float = Field(1000.0, ge=0)  # Dirichlet concentration, in pixels; .inf: the dataset prior (global IA)
     effective_pixels: float = Field(1000.0, gt=0)  # what one image's likelihood weighs, in pixels
     sample_pixels: PositiveInt = 4096  # pixels per image the estimate reads (a regular grid, batch-independent)
-    posteriors: Literal["calibrated", "raw"] = "calibrated"  # softmax of the BCTS-calibrated or the raw logits
+    posteriors: Literal["calibrated", "raw"] = "calibrated"  # map_em: softmax of the BCTS-calibrated or raw logits
     floor: float = Field(0.01, ge=0.0, lt=1.0)  # q_c ≥ floor·π̂_c (renormalised): no class vanishes outright
     max_iter: PositiveInt = 200
     tol: float = Field(1e-6, gt=0)  # L1 change of q; an image not converged by max_iter uses π̂ (counted)
-    count_steps: PositiveInt = 2  # map_count: argmax-histogram steps
+    count_steps: PositiveInt = 3  # map_count: argmax-histogram steps
 
 
 class AdjustConfig(StrictModel):

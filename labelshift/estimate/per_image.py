@@ -32,7 +32,7 @@ import torch
 class LocalSettings:
     """The settings of one per-image estimate (the fields of ``labelshift.config.sections.LocalAdjustConfig``)."""
 
-    estimator: str = "map_em"
+    estimator: str = "map_count"
     kappa: float = 1000.0
     effective_pixels: float = 1000.0
     sample_pixels: int = 4096
@@ -40,7 +40,7 @@ class LocalSettings:
     floor: float = 0.01
     max_iter: int = 200
     tol: float = 1e-6
-    count_steps: int = 2
+    count_steps: int = 3
 
     @classmethod
     def of(cls, local: Any) -> LocalSettings:
