@@ -132,3 +132,13 @@ def test_real_data_configs_extend_one_base(tmp_path):
     child.write_text("extends: child.yaml\nname: x\n")
     with pytest.raises(ConfigError, match="makes a cycle"):
         load_config(child)
+
+
+def test_sweep_space_accepts_infinite_kappa():
+    """κ = inf (global IA exactly) is a valid swept value: the space is validated on the config's Python values,
+    not on a JSON dump (which writes infinity as null)."""
+    cfg = load_config("configs/sweep_ia.yaml", [
+        "sweep.ia.parameters={adjust.mode: {values: [local]}, adjust.local.kappa: {values: [100.0, .inf]}}"])
+    assert cfg.sweep.ia.parameters["adjust.local.kappa"].values == [100.0, float("inf")]
+    with pytest.raises(ConfigError, match="adjust.local.kappa"):
+        load_config("configs/sweep_ia.yaml", ["sweep.ia.parameters={adjust.local.kappa: {values: [-1.0]}}"])

@@ -346,7 +346,7 @@ class ExperimentConfig(StrictModel):
     @model_validator(mode="after")
     def _swept_values_valid(self) -> "ExperimentConfig":
         if self.sweep is not None:
-            errors = space_errors(self.model_dump(mode="json"), ExperimentConfig.model_validate)
+            errors = space_errors(self.model_dump(), ExperimentConfig.model_validate)
             if errors:
                 raise ValueError("; ".join(errors))
         return self
