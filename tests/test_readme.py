@@ -25,7 +25,7 @@ mlflow = pytest.importorskip("mlflow")
 
 from conftest import PROJECT, tiny_overrides  # noqa: E402
 
-README = Path(os.environ.get("DEV_README", PROJECT / "README.md"))
+README = PROJECT / "README.md"
 RUNNABLE = re.compile(r"<!-- runnable -->\s*\n```bash\n(.*?)\n```", re.DOTALL)
 NEVER_RUNNABLE = re.compile(r"^\s*make (demo|test)\b", re.MULTILINE)
 # what the README test's $ARGS adds to the tiny world: a 4-setting IA grid instead of 126 (runtime)

@@ -133,18 +133,21 @@ def map_em(posteriors: torch.Tensor, posterior_prior: Any, dataset_prior: Any, *
     prior_part = (1.0 - data_weight) * centre
     iterations = torch.zeros(num_images, dtype=torch.int64, device=device)
     active = torch.ones(num_images, dtype=torch.bool, device=device)
+    rows, active_probs = torch.arange(num_images, device=device), probs  # the images still iterating
     for _ in range(max_iter):
-        rows = active.nonzero().squeeze(1)
         if rows.numel() == 0:
             break
         ratio = estimate[rows] * inverse_posterior_prior  # (A, K)
-        normaliser = (probs[rows] * ratio[:, :, None]).sum(1).clamp_min(torch.finfo(torch.float64).tiny)  # (A, M)
-        responsibility = ratio * (probs[rows] / normaliser[:, None, :]).mean(2)  # (A, K)
+        normaliser = (active_probs * ratio[:, :, None]).sum(1).clamp_min(torch.finfo(torch.float64).tiny)  # (A, M)
+        responsibility = ratio * (active_probs / normaliser[:, None, :]).mean(2)  # (A, K)
         updated = data_weight * responsibility + prior_part
         change = (updated - estimate[rows]).abs().sum(1)
         estimate[rows] = updated
         iterations[rows] += 1
-        active[rows[change < tol]] = False
+        done = change < tol
+        if bool(done.any()):  # drop the converged images (copies the posteriors only when the set shrinks)
+            active[rows[done]] = False
+            rows, active_probs = rows[~done], active_probs[~done]
     return estimate, iterations, ~active
 
 
