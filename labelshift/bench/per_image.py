@@ -231,7 +231,7 @@ def ceilings(run: SeedRun, split: str = "target_val") -> dict[str, float]:
     own = image_label_priors(cache)
     transform = local_transform(run, dataset)
     for strength in SHRINK_STRENGTHS:
-        mixed = (1.0 - strength) * own + strength * torch.from_numpy(dataset.probs)[None]
+        mixed = (1.0 - strength) * own + strength * torch.tensor(dataset.probs)[None]
         result[f"image_oracle_shrunk_{strength:g}"] = miou_with_priors(cache, transform, mixed)
     return result
 
