@@ -1,12 +1,13 @@
 """The job's summary table: target-val mIoU of each step of the method, from the stages' metrics."""
 from __future__ import annotations
 
-from labelshift.artifacts import NO_ADJUST, ORACLE_IA, TARGET, evaluation_key, ia_name, results_key
+from labelshift.artifacts import LOCAL_IA, NO_ADJUST, ORACLE_IA, TARGET, evaluation_key, ia_name, results_key
 
 ROWS = (  # (label, stage, transform, row id: the results/<row>.<column> keys of the parent run)
     ("source-only (adapted model)", "evaluate_adapted", NO_ADJUST, "source_only"),
     ("+IA (estimated prior)", "evaluate_adapted", ia_name(TARGET), "ia_estimate"),
     ("+IA (oracle prior)", "evaluate_adapted", ORACLE_IA, "ia_oracle"),
+    ("+IA (per-image priors, adjust.mode: local)", "evaluate_adapted", LOCAL_IA, "ia_local"),
     ("+CR (classifier refinement)", "evaluate_refined", NO_ADJUST, "cr"),
     ("+self-distillation", "evaluate_distilled", NO_ADJUST, "self_distillation"),
 )
