@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from labelshift.artifacts import (NO_ADJUST, ORACLE_IA, TARGET, evaluation_key, ia_name, metric_key,
-                                  prior_error_key)
+from labelshift.artifacts import (NO_ADJUST, ORACLE_IA, TARGET, evaluation_key, ia_name, prior_error_key)
 
 SPLIT = "target_val"
 DEFAULT_TRANSFORMS = (NO_ADJUST, ia_name(TARGET), ORACLE_IA)  # the results table's rows; --all: every transform
