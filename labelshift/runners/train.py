@@ -21,6 +21,7 @@ from typing import Callable, TypeVar
 
 import torch
 
+from labelshift.artifacts import TRAIN_LOSS
 from labelshift.config import RayConfig
 from labelshift.progress import NoProgress, ProgressFactory, ProgressFile, StepProgress, training_description
 from labelshift.tracking import MetricSink
@@ -63,7 +64,7 @@ def _log_train_loss(metric_sink: MetricSink, report: dict) -> None:
     """Send a training loop's report (``{"step", "loss", "lr"}``) to ``metric_sink`` as ``train_loss`` at its step;
     a report without a loss (a final checkpoint reported again after a resume) sends nothing."""
     if "loss" in report:
-        metric_sink.log_metrics({"train_loss": float(report["loss"])}, step=int(report["step"]))
+        metric_sink.log_metrics({TRAIN_LOSS: float(report["loss"])}, step=int(report["step"]))
 
 
 def _reports_to_driver_callback(metric_sink: MetricSink | None, progress_file: ProgressFile):
