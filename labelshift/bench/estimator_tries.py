@@ -12,7 +12,13 @@ and log-ratio error against the target-train pixel oracle. Remedies (none change
 - ``combo_<a>+<b>``: the estimators' IA shifts averaged, log π − log π_s = mean_e (log π̂_e − log π_s^(kind e)),
   with π_s of each estimator's kind (as IA applies them);
 - ``em_ts``: EM on temperature-scaled posteriors (no BCTS bias) under the source training pixel prior (a
-  calibration that does not absorb the 150-image source-val class mix).
+  calibration that does not absorb the 150-image source-val class mix);
+- ``bias_m<m>``: the stage's BCTS bias shrunk toward 0 by the class's calibration pixel count n_c,
+  b_c·n_c/(n_c + m) (m a pseudo-count fixed a priori, ``BIAS_PSEUDO_COUNTS``), EM on those posteriors under the
+  calibration sample's class mix π_cal (as the stage); ``bias_m<m>_blend``: the same posteriors, EM under the
+  prior shrunk alike, log π = log π_s + λ_c·(log π_cal − log π_s), λ_c = n_c/(n_c + m), π_s the source pixel prior;
+- ``em_cal_large``: BCTS refitted on ``LARGE_CALIBRATION_PIXELS`` source-val pixels (stage: 300 000), EM under
+  that sample's class mix.
 
 ``python -m labelshift.bench.estimator_tries [--world-seeds 0,1,2,3,4]``; prints markdown and one JSON line.
 Includes one forward pass per uncached split; with caches about 2.5 minutes on 2 shared CPU cores.
@@ -41,6 +47,7 @@ from labelshift.bench.per_image import (
     seed_config,
 )
 from labelshift.calibrate import Calibration, fit_calibration
+from labelshift.classes import IGNORE_INDEX
 from labelshift.config import AdjustConfig
 from labelshift.estimate.em import em_label_shift
 from labelshift.priors import ClassPrior, floor_probabilities, prior_l1
@@ -48,6 +55,8 @@ from labelshift.priors import ClassPrior, floor_probabilities, prior_l1
 SHRINK_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 SAMPLE_PIXELS = 200_000
 COMBOS = (("em", "reference"), ("em", "presence"), ("em", "reference", "presence"))
+BIAS_PSEUDO_COUNTS = (100, 1000)  # calibration pixels; fixed a priori, not chosen on any labelled target split
+LARGE_CALIBRATION_PIXELS = 1_200_000
 
 
 def upsampled_sample(split: SplitLogits, pixels: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,6 +83,34 @@ def em_prior(logits: torch.Tensor, calibration: Calibration, source: np.ndarray,
     if not converged:
         raise RuntimeError("EM did not converge")
     return ClassPrior(names, estimate, "pixel")
+
+
+def bias_shrunk_priors(run: SeedRun, target_logits: torch.Tensor, names: list[str]) -> dict[str, ClassPrior]:
+    """EM on softmax(z/T + b_c·λ_c) (λ_c = n_c/(n_c + m), n_c the class's pixels in the stage's calibration
+    sample) under π_cal (``bias_m<m>``) and under π_s^(1−λ)·π_cal^λ renormalised (``bias_m<m>_blend``)."""
+    calibrated, calibration = run.source.calibrated, run.calibration
+    counts = (calibrated.counts if calibrated.counts is not None
+              else calibrated.probs * calibration.metrics["num_samples"])
+    priors = {}
+    for pseudo_count in BIAS_PSEUDO_COUNTS:
+        kept = counts / (counts + pseudo_count)
+        shrunk = Calibration(calibration.temperature, calibration.bias * kept, "bcts")
+        log_blend = np.log(run.source.pixel.probs) + kept * (np.log(calibrated.probs) - np.log(run.source.pixel.probs))
+        blend = np.exp(log_blend - log_blend.max())
+        priors[f"bias_m{pseudo_count}"] = em_prior(target_logits, shrunk, calibrated.probs, names)
+        priors[f"bias_m{pseudo_count}_blend"] = em_prior(target_logits, shrunk, blend / blend.sum(), names)
+    return priors
+
+
+def large_calibration_prior(run: SeedRun, extra: dict[str, SplitLogits], target_logits: torch.Tensor,
+                            names: list[str]) -> ClassPrior:
+    """EM on posteriors calibrated by BCTS refitted on ``LARGE_CALIBRATION_PIXELS`` source-val pixels, under
+    that sample's class mix."""
+    logits, labels = upsampled_sample(extra["source_val"], LARGE_CALIBRATION_PIXELS, seed=run.seed + 2000)
+    valid = labels != IGNORE_INDEX
+    calibration = fit_calibration(logits[valid], labels[valid], "bcts")
+    mix = np.bincount(labels[valid].numpy(), minlength=len(names)).astype(np.float64)
+    return em_prior(target_logits, calibration, floor_probabilities(mix / mix.sum(), warn=False), names)
 
 
 def shifted_prior(run: SeedRun, methods: Sequence[str], weights: Sequence[float]) -> ClassPrior:
@@ -106,6 +143,8 @@ def remedies(run: SeedRun, extra: dict[str, SplitLogits]) -> tuple[dict[str, Cla
     source_logits, source_labels = upsampled_sample(extra["source_val"], 300_000, seed=run.seed + 1000)
     temperature = fit_calibration(source_logits, source_labels, "temperature")
     priors["em_ts"] = em_prior(target_logits, temperature, run.source.pixel.probs, names)
+    priors.update(bias_shrunk_priors(run, target_logits, names))
+    priors["em_cal_large"] = large_calibration_prior(run, extra, target_logits, names)
     return priors, {"shrink_w_chosen": chosen, "shrink_select_miou": select,
                     "temperature": temperature.temperature}
 
