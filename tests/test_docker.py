@@ -177,6 +177,14 @@ def _check_ray_pods(spec: dict) -> None:
     assert "serviceType" not in cluster["headGroupSpec"]  # ClusterIP: nothing published outside the cluster
 
 
+def _kuberay_spec(name: str, kind: str) -> dict:
+    """The ``spec`` of a KubeRay manifest under docker/kuberay/, after checking its kind and its Ray pods."""
+    manifest = _yaml(DOCKER / "kuberay" / name)
+    assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", kind)
+    _check_ray_pods(manifest["spec"])
+    return manifest["spec"]
+
+
 def _load_refine():
     spec = importlib.util.spec_from_file_location("refine_entry", PROJECT / "ray_jobs" / "refine.py")
     module = importlib.util.module_from_spec(spec)
@@ -187,10 +195,7 @@ def _load_refine():
 def test_the_rayjob_runs_refine_py_with_a_config_that_loads_and_paths_on_mounted_volumes():
     from labelshift.config import load_config
 
-    manifest = _yaml(DOCKER / "kuberay" / "rayjob.yaml")
-    assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayJob")
-    spec = manifest["spec"]
-    _check_ray_pods(spec)
+    spec = _kuberay_spec("rayjob.yaml", "RayJob")
     argv = shlex.split(spec["entrypoint"])
     assert argv[0] == "python" and _repo_path(argv[1]) == PROJECT / "ray_jobs" / "refine.py"
     args = _load_refine().parse_args(argv[2:])
@@ -212,10 +217,7 @@ def test_the_rayjob_runs_refine_py_with_a_config_that_loads_and_paths_on_mounted
 def test_the_rayservice_serves_the_application_of_serve_config_yaml():
     from labelshift.serving.settings import ServeSettings
 
-    manifest = _yaml(DOCKER / "kuberay" / "rayservice.yaml")
-    assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayService")
-    spec = manifest["spec"]
-    _check_ray_pods(spec)
+    spec = _kuberay_spec("rayservice.yaml", "RayService")
     served = yaml.safe_load(spec["serveConfigV2"])
     local = _yaml(PROJECT / "serve" / "config.yaml")
     (application,), (local_application,) = served["applications"], local["applications"]
