@@ -138,7 +138,8 @@ class Segmenter:
         self._segment_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
 
     def reconfigure(self, user_config: dict) -> None:
-        """Serve's ``user_config`` changed: swap the target prior / IA settings in place (no restart)."""
+        """Serve's ``user_config`` (at start, and whenever it changes): the target prior / IA settings laid over the
+        bundle's and the overrides', swapped in place (no restart)."""
         self.engine.reconfigure(user_config)
 
     def check_health(self) -> None:

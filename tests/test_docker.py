@@ -1,7 +1,7 @@
 """docker/ checked statically (no Docker engine or Kubernetes here): the Dockerfile, compose.yaml and the KubeRay
 RayJob / RayService manifests parse; every file, command, flag and config they reference exists (configs load
 with their overrides); images are pinned; nothing binds a public interface by accident; the Ray token is wired
-on every node."""
+on every node; compose deploys Serve on its published port, with the Serve token on every node."""
 from __future__ import annotations
 
 import functools
@@ -102,6 +102,22 @@ def test_the_image_runs_as_a_non_root_user_that_owns_its_work_dir_and_copies_exi
     assert '"--dashboard-host", "127.0.0.1"' in cmd
 
 
+def _same_application_as_serve_config(application: dict) -> str:
+    """The bundle path of a Serve application that is serve/config.yaml's (the same import path, settings,
+    deployments and ``user_config``) but for its bundle; its settings validate and its import path exists."""
+    from labelshift.serving.settings import ServeSettings
+
+    (local,) = _yaml(PROJECT / "serve" / "config.yaml")["applications"]
+    args = dict(application["args"])
+    bundle = args.pop("bundle")
+    assert {**application, "args": args} == {**local, "args": {k: v for k, v in local["args"].items() if k != "bundle"}}
+    ServeSettings(bundle=bundle, **args)
+    module, _, function = application["import_path"].partition(":")
+    source = PROJECT / (module.replace(".", "/") + ".py")
+    assert source.is_file() and f"def {function}(" in source.read_text()
+    return bundle
+
+
 # ------------------------------------------------------------------------------------------------ compose
 def _compose() -> dict:
     return _yaml(DOCKER / "compose.yaml")
@@ -122,22 +138,66 @@ def test_compose_publishes_only_on_loopback_and_pins_its_images():
     assert services["mlflow"]["ports"] == ["127.0.0.1:5000:5000"]
 
 
+SERVE_TOKEN_EXPORT = re.compile(r'LABELSHIFT_SERVE_TOKEN="\$\$\(cat /run/secrets/(\w+)\)" exec (.+)')
+
+
+def _ray_node(service: dict) -> tuple[list[str], str]:
+    """(the ``ray start`` argv, the secret LABELSHIFT_SERVE_TOKEN is read from) of a compose Ray node, whose command
+    is ``sh -c 'LABELSHIFT_SERVE_TOKEN="$(cat /run/secrets/S)" exec ray start ...'``."""
+    shell, option, script = service["command"]
+    match = SERVE_TOKEN_EXPORT.fullmatch(script)
+    assert (shell, option) == ("sh", "-c") and match, service["command"]
+    return shlex.split(match.group(2)), match.group(1)
+
+
 def test_compose_turns_ray_token_authentication_on_for_every_ray_node():
     compose = _compose()
-    for name in ("ray-head", "ray-worker"):
+    for name in ("ray-head", "ray-worker", "serve-deploy"):  # serve-deploy: `serve deploy` to the dashboard
         service = compose["services"][name]
         assert service["environment"]["RAY_AUTH_MODE"] == "token"
         secret = service["environment"]["RAY_AUTH_TOKEN_PATH"].removeprefix("/run/secrets/")
         assert secret in service["secrets"] and secret in compose["secrets"]
-        command = service["command"]
-        assert command[:2] == ["ray", "start"]
-        _check_flags(command)
-    assert "--dashboard-host=0.0.0.0" in compose["services"]["ray-head"]["command"]  # only with the token above
-    assert compose["services"]["ray-worker"]["command"][2] == "--address=ray-head:6379"
+    for name in ("ray-head", "ray-worker"):
+        argv, _ = _ray_node(compose["services"][name])
+        assert argv[:2] == ["ray", "start"]
+        _check_flags(argv)
+    assert "--dashboard-host=0.0.0.0" in _ray_node(compose["services"]["ray-head"])[0]  # only with the token above
+    assert _ray_node(compose["services"]["ray-worker"])[0][2] == "--address=ray-head:6379"
     for secret in compose["secrets"].values():  # secret files live in docker/secrets/, which git ignores
         path = DOCKER / secret["file"]
         assert path.parent == DOCKER / "secrets"
         assert subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=PROJECT).returncode == 0
+
+
+def test_compose_deploys_serve_on_its_published_port_with_the_serve_token_on_every_node():
+    from ray.serve.schema import ServeDeploySchema
+
+    compose = _compose()
+    services = compose["services"]
+    head, _ = _ray_node(services["ray-head"])
+    deploy = services["serve-deploy"]
+    argv = deploy["command"]
+    assert argv[:2] == ["serve", "deploy"] and deploy["profiles"] == ["serve"]  # on demand, after a job's export
+    _check_flags(argv)
+    assert argv[argv.index("--address") + 1] == "http://ray-head:8265" and "--dashboard-port=8265" in head
+    config_path = PROJECT / argv[-1]  # relative to the image's work dir, a copy of the repository
+    copied = {Path(arg.split()[1]).parts[0] for op, arg in _dockerfile() if op == "COPY"}
+    assert config_path.is_file() and Path(argv[-1]).parts[0] in copied
+    config = _yaml(config_path)
+    ServeDeploySchema.model_validate(config)  # what `serve deploy` sends
+    # the proxy runs on the head and listens beyond the container's loopback (a published port reaches only the
+    # container's interface), on the port the head publishes on the host's 127.0.0.1
+    assert (config["proxy_location"], config["http_options"]["host"]) == ("HeadOnly", "0.0.0.0")
+    port = config["http_options"]["port"]
+    assert f"127.0.0.1:{port}:{port}" in services["ray-head"]["ports"]
+    (application,) = config["applications"]
+    job_output = re.search(r"output_dir=(\S+)", (DOCKER / "compose.yaml").read_text()).group(1)
+    assert _same_application_as_serve_config(application) == f"{job_output}/stages/export/bundles/adapted"
+    # beyond loopback, PUT /v1/priors needs LABELSHIFT_SERVE_TOKEN: every Ray node (where replicas and the
+    # application build run) reads it from the same compose secret
+    secrets = {_ray_node(services[name])[1] for name in ("ray-head", "ray-worker")}
+    assert secrets == {"serve_token"} and "serve_token" in compose["secrets"]
+    assert all("serve_token" in services[name]["secrets"] for name in ("ray-head", "ray-worker"))
 
 
 def test_compose_runs_mlflow_on_a_database_with_an_artifact_volume():
@@ -215,22 +275,14 @@ def test_the_rayjob_runs_refine_py_with_a_config_that_loads_and_paths_on_mounted
 
 
 def test_the_rayservice_serves_the_application_of_serve_config_yaml():
-    from labelshift.serving.settings import ServeSettings
-
     spec = _kuberay_spec("rayservice.yaml", "RayService")
     served = yaml.safe_load(spec["serveConfigV2"])
-    local = _yaml(PROJECT / "serve" / "config.yaml")
-    (application,), (local_application,) = served["applications"], local["applications"]
-    bundle = application["args"].pop("bundle")
-    local_application["args"].pop("bundle")
-    assert application == local_application  # the same application, settings and user_config
+    (application,) = served["applications"]
+    bundle = _same_application_as_serve_config(application)
     assert bundle.startswith("/shared/") and bundle.endswith("/stages/export/bundles/adapted")
-    ServeSettings(bundle=bundle, **application["args"])
-    module, _, function = application["import_path"].partition(":")
-    assert (PROJECT / (module.replace(".", "/") + ".py")).is_file() and f"def {function}(" in \
-        (PROJECT / (module.replace(".", "/") + ".py")).read_text()
     # the proxy listens beyond loopback inside the pod only: then PUT /v1/priors must have its token
-    assert served["http_options"]["host"] == "0.0.0.0" and local["http_options"]["host"] == "127.0.0.1"
+    assert served["http_options"]["host"] == "0.0.0.0"
+    assert _yaml(PROJECT / "serve" / "config.yaml")["http_options"]["host"] == "127.0.0.1"
     for container in _containers(spec):
         env = {e["name"]: e for e in container["env"]}
         assert env["LABELSHIFT_SERVE_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "labelshift-serve-token"

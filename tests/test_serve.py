@@ -1,8 +1,8 @@
 """The Ray Serve application over real HTTP on the session's local Ray: endpoints, every bad input with its status,
 a fuzz test, back-pressure (a JSON 503), hot-swapped priors (PUT, and a user_config redeploy in the same replica
-process) without a restart, the token guard, online tracking toward the true prior of a shifted stream,
-per-image priors (adjust=local), the served mask against labelshift.inference.predict, a 3-second load smoke and
-the upload page in headless Chromium."""
+process) without a restart, a sweep's overrides file served by serve/config.yaml's application, the token guard,
+online tracking toward the true prior of a shifted stream, per-image priors (adjust=local), the served mask
+against labelshift.inference.predict, a 3-second load smoke and the upload page in headless Chromium."""
 from __future__ import annotations
 
 import base64
@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from conftest import DEMO_CONFIG, PROJECT
@@ -265,33 +266,65 @@ def test_priors_hot_swap_changes_the_output_without_a_restart_and_needs_the_toke
     assert client.put("/corrected/v1/priors", json=sky).status_code == 200
 
 
-def _deploy_config(server, user_config: dict) -> None:
-    """Deploy the app ``swap`` from a config, as ``serve deploy`` / ``serve run serve/config.yaml`` do (the same
-    controller call): ``import_path`` + ``args`` + the deployment's ``user_config``."""
+def _deploy_config(server, overrides: Path, user_config: dict | None = None) -> None:
+    """Deploy the app ``swap`` from serve/config.yaml's application as shipped (``import_path``, ``args``, the
+    deployment's autoscaling and ``user_config``), as ``serve run serve/config.yaml`` does (the same controller
+    call), with the test's bundle, limits and CPUs, a sweep's ``overrides`` file and, when given, ``user_config``
+    in place of the shipped one."""
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
-    app = {"name": "swap", "route_prefix": "/swap", "import_path": "serve.app:build_app",
-           "args": {"bundle": str(server["root"] / "adapted"), **server["common"]},
-           "deployments": [{"name": "Segmenter", "user_config": user_config}]}
+    (shipped,) = yaml.safe_load((PROJECT / "serve" / "config.yaml").read_text())["applications"]
+    args = {**shipped["args"], "bundle": str(server["root"] / "adapted"), "overrides": str(overrides),
+            **server["common"]}
+    deployments = [{**deployment, **({} if user_config is None else {"user_config": user_config})}
+                   for deployment in shipped["deployments"]]
+    app = {**shipped, "name": "swap", "route_prefix": "/swap", "args": args, "deployments": deployments}
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}), _blocking=True)
 
 
-def test_a_user_config_change_hot_swaps_priors_in_the_same_replica_process(server, world_image):
+def test_the_shipped_config_serves_the_sweep_overrides_and_a_user_config_hot_swaps_over_them(server, world_image,
+                                                                                              tmp_path):
+    from labelshift.adjust import ia_transform
+    from labelshift.bundle import apply_overrides_file, load_bundle
+    from labelshift.inference import predict
+    from labelshift.serving import SegmentationEngine
+
     client, body = server["client"], _png(world_image)
-    _deploy_config(server, {"target_prior": "target"})
-    before, priors_before = client.get("/swap/healthz").json(), client.get("/swap/v1/priors").json()
-    mask_before = _ids(_segment(client, body, "/swap/v1/segment", adjust="ia").content)
-    sky = _sky_prior(priors_before["target"]["classes"])
-    _deploy_config(server, {"target_prior": sky, "adjust": {"tau_target": 2.0}})  # only user_config changed
-    after, priors_after = client.get("/swap/healthz").json(), client.get("/swap/v1/priors").json()
-    assert (after["pid"], after["actor_id"], after["replica"]) == (before["pid"], before["actor_id"],
-                                                                  before["replica"])  # reconfigure(), no restart
-    assert (priors_before["target_name"], priors_after["target_name"]) == ("target", "custom: hand (pixel, 19 classes)")
-    assert priors_after["adjust"]["tau_target"] == 2.0 and priors_after["version"] == priors_before["version"] + 2
-    sky_id = priors_before["target"]["classes"].index("sky")
-    mask_after = _ids(_segment(client, body, "/swap/v1/segment", adjust="ia").content)
-    assert (mask_after == sky_id).mean() > (mask_before == sky_id).mean() + 0.2
+    overrides = tmp_path / "best_overrides.yaml"  # as ray_jobs/sweep.py writes it: {config path: value}
+    overrides.write_text(yaml.safe_dump({"adjust.temperature": 1.5, "adjust.tau_target": 0.5, "prior.method": "bbse"}))
+    engine = SegmentationEngine(load_bundle(server["root"] / "adapted"))
+    logits = predict(engine.model, engine.image_tensor(world_image)[None], world_image.shape[:2],
+                     device=torch.device("cpu"))
+    tuned = apply_overrides_file(engine.bundle, overrides)
+    tuned_mask = ia_transform(tuned.adjust, tuned.source, tuned.target_prior, tuned.calibration)(logits).argmax(1)[0]
+    plain = engine.bundle
+    plain_mask = ia_transform(plain.adjust, plain.source, plain.target_prior, plain.calibration)(logits).argmax(1)[0]
+    assert not np.array_equal(tuned_mask.numpy(), plain_mask.numpy())  # the overrides change this image's mask
+
+    def served() -> tuple[dict, dict, np.ndarray, str]:
+        answer = _segment(client, body, "/swap/v1/segment", adjust="ia")
+        return (client.get("/swap/healthz").json(), client.get("/swap/v1/priors").json(), _ids(answer.content),
+                answer.headers["x-labelshift-prior"])
+
+    _deploy_config(server, overrides)  # the shipped user_config ({}) keeps the overrides' settings
+    health, priors, mask, prior_name = served()
+    assert (priors["target_name"], prior_name, priors["adjust"]["temperature"], priors["adjust"]["tau_target"]) == \
+        ("estimate_bbse", "estimate_bbse", 1.5, 0.5)
+    assert np.array_equal(mask, tuned_mask.numpy())
+    sky = _sky_prior(priors["target"]["classes"])
+    _deploy_config(server, overrides, {"target_prior": sky, "adjust": {"tau_target": 3.0}})  # only user_config
+    swapped_health, swapped, swapped_mask, _ = served()
+    assert (swapped_health["pid"], swapped_health["actor_id"], swapped_health["replica"]) == \
+        (health["pid"], health["actor_id"], health["replica"])  # reconfigure(), no restart
+    assert swapped["target_name"] == "custom: hand (pixel, 19 classes)" and swapped["version"] == priors["version"] + 1
+    assert (swapped["adjust"]["temperature"], swapped["adjust"]["tau_target"]) == (1.5, 3.0)  # a key left out: theirs
+    sky_id = priors["target"]["classes"].index("sky")
+    assert (swapped_mask == sky_id).mean() > (mask == sky_id).mean() + 0.2
+    _deploy_config(server, overrides, {})  # back to the shipped user_config: the overrides again
+    back_health, back, back_mask, _ = served()
+    assert back_health["pid"] == health["pid"] and np.array_equal(back_mask, mask)
+    assert (back["target_name"], back["adjust"]) == (priors["target_name"], priors["adjust"])
     serve.delete("swap")
 
 

@@ -147,6 +147,25 @@ def test_sweep_overrides_set_the_ia_settings_and_the_estimate(bundle_dir, tmp_pa
         apply_overrides_file(load_bundle(bundle_dir), overrides)
 
 
+def test_a_user_config_is_laid_over_the_sweep_overrides_and_a_key_left_out_serves_theirs(bundle_dir, tmp_path):
+    overrides = tmp_path / "best_overrides.yaml"  # as a sweep writes it: {config path: value}
+    overrides.write_text("adjust.temperature: 1.5\nadjust.tau_target: 0.5\nprior.method: bbse\n")
+    tuned = apply_overrides_file(load_bundle(bundle_dir), overrides)
+    engine = SegmentationEngine(tuned)
+    engine.reconfigure({})  # what Serve calls at start with the shipped user_config
+    assert (engine.target_name, engine.adjust, engine.version) == ("estimate_bbse", tuned.adjust, 1)
+    assert engine.target_prior.probs.tolist() == tuned.priors["estimate_bbse"].probs.tolist()
+    engine.reconfigure({"target_prior": "target", "adjust": {"tau_target": 2.0}})
+    assert (engine.target_name, engine.adjust.temperature, engine.adjust.tau_target) == ("target", 1.5, 2.0)
+    engine.set_target_prior("estimate_em")  # PUT /v1/priors ...
+    engine.reconfigure({"adjust": {"tau_source": 0.0}})  # ... until the next user_config, which undoes it
+    assert (engine.target_name, engine.adjust.tau_target, engine.adjust.tau_source) == ("estimate_bbse", 0.5, 0.0)
+    assert engine.adjust.model_dump() == {**tuned.adjust.model_dump(), "tau_source": 0.0} and engine.version == 4
+    with pytest.raises(ValueError, match="holds no prior 'estimate_magic'"):
+        engine.reconfigure({"target_prior": "estimate_magic"})
+    assert engine.target_name == "estimate_bbse" and engine.version == 4  # a refused user_config changes nothing
+
+
 # ------------------------------------------------------------------------------------------------ engine
 def test_engine_masks_equal_predict_with_the_same_ia_at_any_size(bundle_dir, tiny_world):
     bundle = load_bundle(bundle_dir)
@@ -286,3 +305,4 @@ def test_admission_holds_working_plus_waiting_requests_and_refuses_the_next_at_o
                                         "max_queued_requests": 12 + REJECTION_HEADROOM}
     unbounded = ServeSettings(bundle="b", max_queued_requests=-1)
     assert unbounded.admission_limit is None and unbounded.serve_options()["max_queued_requests"] == -1
+

@@ -76,9 +76,9 @@ class SegmentationEngine:
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------- priors
-    def set_target_prior(self, prior: ClassPrior | str) -> None:
-        """Use ``prior`` (a ClassPrior, or the name of one of the bundle's priors) for ``adjust=ia`` from the next
-        batch on. A prior over other classes raises ``ValueError``."""
+    def _named_prior(self, prior: ClassPrior | str) -> tuple[str, ClassPrior]:
+        """(name, prior) of a ClassPrior or of the name of one of the bundle's priors; ``ValueError`` for a name the
+        bundle lacks or a prior over other classes."""
         if isinstance(prior, str):
             if prior not in self.bundle.priors:
                 raise ValueError(f"the bundle holds no prior {prior!r}; it holds {sorted(self.bundle.priors)}")
@@ -86,21 +86,29 @@ class SegmentationEngine:
         else:
             name = f"custom: {prior.describe()}"
         check_compatible(prior, self.bundle.source.of_kind(prior.kind))
+        return name, prior
+
+    def set_target_prior(self, prior: ClassPrior | str) -> None:
+        """Use ``prior`` (a ClassPrior, or the name of one of the bundle's priors) for ``adjust=ia`` from the next
+        batch on. A prior over other classes raises ``ValueError``."""
+        named = self._named_prior(prior)
         with self._lock:
-            self.target_name, self.target_prior = name, prior
+            self.target_name, self.target_prior = named
             self.version += 1
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Serve's ``user_config`` (:class:`PriorUserConfig`): the target prior and IA settings, in place."""
+    def reconfigure(self, user_config: dict[str, Any] | None) -> None:
+        """Serve's ``user_config`` (:class:`PriorUserConfig`), laid over the bundle's own settings (the sweep
+        overrides included): a key it leaves out serves the bundle's value. So an empty ``user_config`` serves the
+        bundle and its overrides as they are, and a key removed from it undoes that key's swap. It replaces a
+        prior set by ``PUT /v1/priors``. One new :attr:`version` per call."""
         update = PriorUserConfig.model_validate(user_config or {})
-        if update.target_prior is not None:
-            target = update.target_prior
-            self.set_target_prior(target if isinstance(target, str) else ClassPrior.from_dict(target))
-        if update.adjust is not None:
-            changes = update.adjust.model_dump(exclude_none=True)
-            with self._lock:
-                self.adjust = AdjustConfig.model_validate({**self.adjust.model_dump(), **changes})
-                self.version += 1
+        target = update.target_prior if update.target_prior is not None else self.bundle.target_prior_name
+        named = self._named_prior(target if isinstance(target, str) else ClassPrior.from_dict(target))
+        changes = {} if update.adjust is None else update.adjust.model_dump(exclude_none=True)
+        adjust = AdjustConfig.model_validate({**self.bundle.adjust.model_dump(), **changes})
+        with self._lock:
+            (self.target_name, self.target_prior), self.adjust = named, adjust
+            self.version += 1
 
     def priors_document(self) -> dict[str, Any]:
         """What ``GET /v1/priors`` answers."""

@@ -1,8 +1,8 @@
 """Settings of the segmentation server (the ``args`` of ``serve/config.yaml``) and of one request.
 
 Unknown keys are rejected, as in experiment configs. The target prior and the IA defaults are not here: they
-come from the bundle and change at run time through Serve's ``user_config`` (:class:`PriorUserConfig`) or
-``PUT /v1/priors``; weights never change without a redeploy.
+come from the bundle (and a sweep's overrides file) and change at run time through Serve's ``user_config``
+(:class:`PriorUserConfig`, laid over them) or ``PUT /v1/priors``; weights never change without a redeploy.
 """
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ class ServeSettings(StrictModel):
 
 
 class AdjustUpdate(StrictModel):
-    """IA settings a running server may change (``None`` keeps the current value)."""
+    """IA settings a running server may change (``None``: the bundle's value, with the sweep overrides)."""
 
     space: Literal["raw", "calibrated"] | None = None
     temperature: float | None = Field(None, ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1])
@@ -105,8 +105,9 @@ class AdjustUpdate(StrictModel):
 
 
 class PriorUserConfig(StrictModel):
-    """Serve's ``user_config``: hot-swapped by ``reconfigure()`` without restarting replicas. ``target_prior``:
-    the name of a prior in the bundle (e.g. ``estimate_em``) or a ClassPrior document; ``adjust``: IA settings."""
+    """Serve's ``user_config``: hot-swapped by ``reconfigure()`` without restarting replicas, laid over the bundle's
+    settings and the sweep overrides (a key left out, or ``None``, serves theirs). ``target_prior``: the name of a
+    prior in the bundle (e.g. ``estimate_em``) or a ClassPrior document; ``adjust``: IA settings."""
 
     target_prior: str | dict[str, Any] | None = None
     adjust: AdjustUpdate | None = None
