@@ -216,11 +216,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """Batch prediction in this process (``ray_jobs/predict.py`` runs the same on Ray Data)."""
     from labelshift.build import eval_loader
     from labelshift.predict import prediction_inputs
+    from labelshift.pseudo import OutputConflict
     from labelshift.runners.data import InProcessPasses, run_labelling
 
     cfg, dataset, settings, priors_used = prediction_inputs(args)
     passes = InProcessPasses(torch.device(args.device), lambda which, **kw: eval_loader(cfg, which, **kw))
-    run_labelling(passes, cfg, args.checkpoint, dataset, Path(args.out).resolve(), settings, priors_used)
+    try:
+        run_labelling(passes, cfg, args.checkpoint, dataset, Path(args.out).resolve(), settings, priors_used,
+                      overwrite=args.overwrite)
+    except OutputConflict as err:
+        raise UsageError(str(err)) from err
     return 0
 
 

@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", default="labelids", choices=LABEL_FORMATS)
     parser.add_argument("--adjust", default="none", choices=("none", "ia"))
     parser.add_argument("--priors", default=None, help="estimate stage directory for --adjust ia")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="--out holds another pass's predictions (other checkpoint or settings): delete them "
+                             "first (without it such a run stops; the same pass resumes)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
 

@@ -11,6 +11,11 @@ Outputs per image, keyed by its stem (the Cityscapes ``<city>_<seq>_<frame>``), 
   the same resolution;
 * ``soft/<stem>.parquet``: the soft label at the soft grid, schema :data:`SOFT_LABEL_VERSION` below.
 
+A standalone pass (``runners.data.run_labelling``: ``labelshift predict``, ``ray_jobs/predict.py``,
+``ray_jobs/soft_labels.py``) first writes ``labelling.json`` (:func:`labelling_record`: teacher sha256, settings, IA,
+model/input settings, images) into its directory: a re-run resumes only under the same record and otherwise stops
+naming the differences (:func:`claim_output_dir`; ``--overwrite`` deletes the other pass's files first).
+
 Soft-label Parquet schema, version 1 (one row per file; zstd; read with :func:`read_soft_labels`):
 
 ========== ========= ==================================================================================
@@ -34,7 +39,9 @@ the class names, index = trainId). A student trains on the distribution renormal
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
@@ -57,6 +64,11 @@ LABEL_FORMATS = ("trainids", "labelids", "color")
 LABELS, CONFIDENCE, SOFT = "labels", "confidence", "soft"
 IMAGE_PRIORS = "priors"  # adjust.mode local: <stem>.json, the per-image prior the teacher's IA used
 LABEL_MANIFEST = "pseudo.json"  # a labelling pass's manifest, beside its directories
+LABEL_RECORD = "labelling.json"  # a standalone pass's record of what determines its files, written when it starts
+
+
+class OutputConflict(ValueError):
+    """An output directory holds the files of another labelling pass (another checkpoint, settings or images)."""
 
 
 @dataclass(frozen=True)
@@ -315,7 +327,94 @@ def write_label_manifest(out_dir: str | Path, cfg, checkpoint: str | Path, count
     return write_json_atomic(Path(out_dir) / LABEL_MANIFEST, {
         "soft_label_schema_version": SOFT_LABEL_VERSION if settings.soft_dir else None,
         "checkpoint": str(checkpoint), "checkpoint_sha256": checkpoint_sha256(checkpoint), "priors": priors,
-        "settings": {"confidence_threshold": settings.confidence_threshold, "top_k": settings.top_k,
-                     "soft_grid": settings.soft_grid, "decide_at": settings.decide_at,
-                     "label_format": settings.label_format, "directories": settings.output_dirs()},
-        "counts": counts, "config": dump_config(cfg)})
+        "settings": _settings_record(settings), "counts": counts, "config": dump_config(cfg)})
+
+
+def _settings_record(settings: TeacherSettings) -> dict:
+    return {"confidence_threshold": settings.confidence_threshold, "top_k": settings.top_k,
+            "soft_grid": settings.soft_grid, "decide_at": settings.decide_at, "label_format": settings.label_format,
+            "directories": settings.output_dirs()}
+
+
+def labelling_record(cfg, checkpoint: str | Path, image_names: list[str], settings: TeacherSettings,
+                     priors: dict | None = None) -> dict:
+    """What determines the files of a labelling pass (:data:`LABEL_RECORD`): the teacher's sha256, the settings,
+    the IA (priors and ``adjust:`` settings; None without IA), the model and input settings, the batch size and
+    precision of the forward pass, and the images (count and sha256 of their names in order)."""
+    from labelshift.models import checkpoint_sha256
+
+    with_ia = settings.logit_transform is not None
+    record = {"checkpoint_sha256": checkpoint_sha256(checkpoint), "settings": _settings_record(settings),
+              "priors": priors, "adjust": cfg.adjust.model_dump(mode="json") if with_ia else None,
+              "model": cfg.model.model_dump(mode="json", exclude={"checkpoint"}),
+              "input": {"class_set": cfg.data.class_set, "interpolation": cfg.data.interpolation,
+                        "target_transform": cfg.data.target_transform and cfg.data.target_transform.model_dump(
+                            mode="json")},
+              "forward": {"batch_size": cfg.eval.batch_size, "amp_bf16": cfg.eval.amp_bf16},
+              "images": {"count": len(image_names),
+                         "names_sha256": hashlib.sha256("\n".join(image_names).encode()).hexdigest()}}
+    return json.loads(json.dumps(record))  # as it reads back from the file (lists, not tuples)
+
+
+def _flatten(record: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def record_differences(recorded: dict, current: dict) -> list[str]:
+    """``key: recorded -> current`` for every (dotted) key whose value differs between two labelling records."""
+    old, new = _flatten(recorded), _flatten(current)
+    return [f"{key}: {_shortened(old.get(key))} -> {_shortened(new.get(key))}"
+            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+
+
+def _shortened(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 70 else text[:67] + "..."
+
+
+def _pass_files(out_dir: Path, directories: list[str]) -> list[Path]:
+    """The files a labelling pass writing ``directories`` (``"."``: PNGs at the root) may have left in
+    ``out_dir``, its manifest included."""
+    files = [path for path in (out_dir / LABEL_MANIFEST, out_dir / LABEL_RECORD) if path.is_file()]
+    for directory in directories:
+        found = out_dir.glob("*.png") if directory == "." else (out_dir / directory).rglob("*")
+        files += [path for path in found if path.is_file()]
+    return files
+
+
+def claim_output_dir(out_dir: str | Path, record: dict, *, overwrite: bool = False) -> str:
+    """Make ``out_dir`` the directory of the pass ``record`` describes (:func:`labelling_record`), writing the
+    record before any output. Returns ``"new"`` (nothing there), ``"resume"`` (the same record: the pass redoes
+    only the missing files) or ``"overwrite"`` (another pass's files deleted first, ``overwrite=True`` only).
+
+    Raises :class:`OutputConflict` naming every difference when the directory holds another pass's files (a
+    resume would mix them), or pass files without a record (written by no recorded pass: never deleted here).
+    """
+    out_dir = Path(out_dir)
+    record_path = out_dir / LABEL_RECORD
+    recorded = json.loads(record_path.read_text()) if record_path.is_file() else None
+    if recorded == record:
+        return "resume"
+    directories = sorted(set(record["settings"]["directories"]) | set((recorded or record)["settings"]["directories"]))
+    existing = _pass_files(out_dir, directories)
+    if recorded is None and existing:
+        raise OutputConflict(f"{out_dir} already holds {len(existing)} labelling output file(s) (e.g. "
+                             f"{existing[0].name}) but no {LABEL_RECORD} telling which teacher and settings wrote "
+                             f"them; delete them or choose another output directory")
+    if recorded is not None and not overwrite:
+        raise OutputConflict(f"{out_dir} holds the outputs of another labelling pass; resuming would mix them. "
+                             f"Recorded -> now: {'; '.join(record_differences(recorded, record))}. Re-run with "
+                             f"--overwrite to delete them and start over, or choose another output directory")
+    for path in existing:
+        path.unlink()
+    for directory in directories:
+        if directory != "." and (out_dir / directory).is_dir():
+            shutil.rmtree(out_dir / directory)
+    write_json_atomic(record_path, record)
+    return "new" if recorded is None else "overwrite"

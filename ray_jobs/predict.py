@@ -4,7 +4,9 @@
     python ray_jobs/predict.py --config C --checkpoint M (--images DIR | --split val) --out DIR \
         [--format labelids|trainids|color] [--adjust none|ia --priors ESTIMATE_DIR]
 
-Files are ``<out>/<stem>.png`` (``_leftImg8bit`` dropped) at each image's own resolution, plus ``<out>/pseudo.json``.
+Files are ``<out>/<stem>.png`` (``_leftImg8bit`` dropped) at each image's own resolution, plus ``<out>/pseudo.json``
+and ``<out>/labelling.json`` (what determines the files). Re-running the same command resumes; another checkpoint or
+other settings into the same ``--out`` stop with the differences named, unless ``--overwrite``.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from labelshift.predict import add_arguments, prediction_inputs  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
 
+    from labelshift.pseudo import OutputConflict
     from labelshift.runners.data import RayDataPasses, run_labelling
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,8 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"{Path(__file__).name}: error: {err}", file=sys.stderr)
         return 2
-    with ray_session(cfg.ray.address):
-        run_labelling(RayDataPasses(), cfg, args.checkpoint, dataset, Path(args.out).resolve(), settings, priors_used)
+    try:
+        with ray_session(cfg.ray.address):
+            run_labelling(RayDataPasses(), cfg, args.checkpoint, dataset, Path(args.out).resolve(), settings,
+                          priors_used, overwrite=args.overwrite)
+    except OutputConflict as err:
+        print(f"{Path(__file__).name}: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -5,8 +5,11 @@
 
 Writes ``<out>/labels/<stem>.png`` (trainIds, 255 below ``pseudo.confidence_threshold``),
 ``<out>/confidence/<stem>.png`` and ``<out>/soft/<stem>.parquet`` (``labelshift.pseudo``) and ``<out>/pseudo.json``.
-Re-running the same command redoes only the chunks with a missing output. ``--adjust ia`` applies IA towards the
-target prior an estimate stage wrote (``--priors``, default ``<output_dir>/stages/estimate``).
+``<out>/labelling.json`` records what determines the files (teacher sha256, settings, IA, images) when the pass
+starts: re-running the same command redoes only the chunks with a missing output, while another teacher or other
+settings into the same ``--out`` stop with the differences named (``--overwrite`` deletes the old outputs first).
+``--adjust ia`` applies IA towards the target prior an estimate stage wrote (``--priors``, default
+``<output_dir>/stages/estimate``).
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--priors", default=None, help="estimate stage directory for --adjust ia")
     parser.add_argument("--split", default="train", help="Cityscapes split of data.target (default train)")
     parser.add_argument("--out", default=None, help="output directory (default <output_dir>/soft_labels/<split>)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="--out holds another pass's outputs: delete them first (else such a run stops)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     return parser.parse_args(argv)
 
@@ -35,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
 
     from labelshift.build import build_split
-    from labelshift.pseudo import pseudo_settings
+    from labelshift.pseudo import OutputConflict, pseudo_settings
     from labelshift.runners.data import RayDataPasses, estimate_stage_ia, run_labelling
 
     args = parse_args(argv)
@@ -51,9 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.adjust == "ia":
         transform, priors_used = estimate_stage_ia(cfg, args.priors or Path(cfg.output_dir) / "stages" / "estimate")
     out = Path(args.out or Path(cfg.output_dir) / "soft_labels" / args.split).resolve()
-    with ray_session(cfg.ray.address):
-        dataset = build_split(cfg, "target", train=False, with_labels=False)
-        run_labelling(RayDataPasses(), cfg, checkpoint, dataset, out, pseudo_settings(cfg, transform), priors_used)
+    try:
+        with ray_session(cfg.ray.address):
+            dataset = build_split(cfg, "target", train=False, with_labels=False)
+            run_labelling(RayDataPasses(), cfg, checkpoint, dataset, out, pseudo_settings(cfg, transform),
+                          priors_used, overwrite=args.overwrite)
+    except OutputConflict as err:
+        print(f"{Path(__file__).name}: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

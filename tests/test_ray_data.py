@@ -129,3 +129,52 @@ def test_estimate_and_evaluate_passes_equal_the_in_process_passes(shared_cfg, ti
     for name in transforms:
         np.testing.assert_array_equal(found[name].matrix, expected[name].matrix)
     assert found["none"].matrix.sum() == 8 * 64 * 32
+
+
+def test_the_soft_label_job_with_ia_equals_the_in_process_pass_and_refuses_other_settings_into_its_output(
+        tiny_trained, local_ray, tmp_path, capsys):
+    import importlib.util
+    import json
+
+    from conftest import PROJECT
+    from labelshift.build import build_split
+    from labelshift.config import load_config
+    from labelshift.models import checkpoint_sha256
+    from labelshift.pseudo import LABEL_MANIFEST, LABEL_RECORD, pseudo_settings
+    from labelshift.runners.data import InProcessPasses, estimate_stage_ia
+
+    spec = importlib.util.spec_from_file_location("ray_jobs_soft_labels", PROJECT / "ray_jobs" / "soft_labels.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    overrides = [*tiny_overrides(tmp_path / "run", world=tiny_trained.world), "ray.data_actors=2",
+                 "eval.batch_size=4", "pseudo.confidence_threshold=0.266"]  # after IA the tiny teacher: 0.25-0.27
+    argv = ["--config", str(DEMO_CONFIG), "--checkpoint", str(tiny_trained.model), "--adjust", "ia",
+            "--priors", str(tiny_trained.estimate), "--split", "train", "--out", str(tmp_path / "job")]
+    assert job.main([*argv, *overrides]) == 0
+
+    cfg = load_config(DEMO_CONFIG, overrides)
+    dataset = build_split(cfg, "target", train=False, with_labels=False)
+    transform, priors_used = estimate_stage_ia(cfg, tiny_trained.estimate)
+    in_process = InProcessPasses("cpu", None)
+    expected = in_process.label(cfg, tiny_trained.model, dataset, tmp_path / "local", pseudo_settings(cfg, transform))
+    in_process.label(cfg, tiny_trained.model, dataset, tmp_path / "raw", pseudo_settings(cfg))
+    written = {name: data for name, data in _tree(tmp_path / "job").items() if name not in (LABEL_MANIFEST, LABEL_RECORD)}
+    assert len(written) == 48 and written == _tree(tmp_path / "local")
+    assert written != _tree(tmp_path / "raw")  # IA changed the labels
+
+    manifest = json.loads((tmp_path / "job" / LABEL_MANIFEST).read_text())
+    assert manifest["priors"] == priors_used and manifest["priors"]["target"]["probs"]
+    assert manifest["checkpoint_sha256"] == checkpoint_sha256(tiny_trained.model)
+    counts = manifest["counts"]
+    assert (counts["images"], counts["failures"], counts["chunks_run"], counts["chunks_total"]) == (16, 0, 4, 4)
+    for key in ("soft_label_mean_kept_mass", "kept_pixel_fraction"):
+        assert counts[key] == pytest.approx(expected[key], rel=1e-12)
+    assert 0.5 < counts["soft_label_mean_kept_mass"] <= 1.0 and 0.0 < counts["kept_pixel_fraction"] < 1.0
+    record = json.loads((tmp_path / "job" / LABEL_RECORD).read_text())
+    assert record["priors"] == priors_used and record["adjust"] == cfg.adjust.model_dump(mode="json")
+
+    capsys.readouterr()
+    assert job.main([*argv, *overrides, "pseudo.top_k=5"]) == 2
+    assert "settings.top_k: 3 -> 5" in capsys.readouterr().err
+    assert job.main([*argv, *overrides]) == 0
+    assert "0 of 4 chunks (resumed" in capsys.readouterr().out

@@ -1,5 +1,5 @@
 """Ray Train on the session's local Ray instance: the pipeline's training stages on 2 workers, DDP equivalence,
-a killed worker resumes."""
+a killed worker resumes and its loss curve in MLflow is whole."""
 from __future__ import annotations
 
 import json
@@ -12,14 +12,16 @@ from pathlib import Path
 import pytest
 
 ray = pytest.importorskip("ray")
+mlflow = pytest.importorskip("mlflow")
 
 from conftest import DEMO_CONFIG, SHARED_STAGES, tiny_overrides  # noqa: E402
+from labelshift.artifacts import TRAIN_LOSS  # noqa: E402
 from labelshift.build import ensure_world  # noqa: E402
 from labelshift.config import load_config  # noqa: E402
 from labelshift.pipeline import Pipeline  # noqa: E402
 from labelshift.pipeline.job import ALL_STAGES  # noqa: E402
 from labelshift.runners import LocalTrainRunner, RayTrainRunner  # noqa: E402
-from labelshift.tracking import Tracker  # noqa: E402
+from labelshift.tracking import MlflowMetricSink, Tracker, artifact_location_for  # noqa: E402
 
 RAY_STAGES = ("refine", "distill")  # the training stages after the shared pretrain (its loop: the DDP test)
 
@@ -139,8 +141,9 @@ KILL_ITERATIONS, KILL_EVERY = 100, 20
 def killed_run(local_ray, tmp_path_factory):
     """A 1-worker source run (its own 128x64 world: slower steps, so that the kill lands between two
     checkpoints) whose worker is SIGKILLed as soon as its first checkpoint is registered; Ray Train restarts it
-    (max_failures=1). Returns the fit's summary, the checkpoint step registered when the worker was killed, the
-    killed pids and the run's storage."""
+    (max_failures=1). The loss goes to an MLflow run (a sqlite store) from Ray Train's controller. Returns the
+    fit's summary, the checkpoint step registered when the worker was killed, the killed pids, the run's storage
+    and the MLflow store and run."""
     tmp = tmp_path_factory.mktemp("killed")
     cfg = load_config(DEMO_CONFIG, [*tiny_overrides(tmp / "run", iterations=KILL_ITERATIONS, world_size="[128,64]"),
                                     "ray.max_failures=1", f"train.source.checkpoint_every={KILL_EVERY}",
@@ -148,12 +151,18 @@ def killed_run(local_ray, tmp_path_factory):
     ensure_world(cfg, log=lambda m: None)
     payload = {"stage": "source", "config": cfg.model_dump(mode="json")}
     storage = tmp / "ray"
+    tracking_uri = f"sqlite:///{tmp}/mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment_id = client.create_experiment("killed", artifact_location=artifact_location_for(tracking_uri))
+    mlflow_run_id = client.create_run(experiment_id).info.run_id
+    sink = MlflowMetricSink(tracking_uri, mlflow_run_id)
     result: dict = {}
     errors: list[BaseException] = []
 
     def fit() -> None:
         try:
-            result.update(RayTrainRunner(cfg.ray, storage).fit(payload, "killme", tmp / "model.safetensors"))
+            result.update(RayTrainRunner(cfg.ray, storage).fit(payload, "killme", tmp / "model.safetensors",
+                                                                metric_sink=sink))
         except BaseException as exc:  # re-raised below, in the test's thread
             errors.append(exc)
 
@@ -174,7 +183,7 @@ def killed_run(local_ray, tmp_path_factory):
         raise errors[0]
     assert killed, "no worker was killed (training finished before the first checkpoint was seen?)"
     return {"result": result, "seen": seen, "killed": killed, "run": storage / "killme",
-            "model": tmp / "model.safetensors"}
+            "model": tmp / "model.safetensors", "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id}
 
 
 def test_a_killed_worker_resumes_from_the_checkpoint_registered_before_the_kill(killed_run):
@@ -183,6 +192,20 @@ def test_a_killed_worker_resumes_from_the_checkpoint_registered_before_the_kill(
     result, seen = killed_run["result"], killed_run["seen"]
     assert (result["resumed_from"], result["steps_run"]) == (seen, KILL_ITERATIONS - seen)
     assert [step for step, _ in result["losses"]] == list(range(seen + KILL_EVERY, KILL_ITERATIONS + 1, KILL_EVERY))
+
+
+def test_a_killed_attempts_loss_points_are_in_mlflow_and_the_resumed_attempts_follow_them(killed_run):
+    """The points the killed worker reported (every 20 steps up to its checkpoint) reached the run through the
+    controller; the restarted worker's points follow, later in time, each step once."""
+    result, seen = killed_run["result"], killed_run["seen"]
+    history = mlflow.MlflowClient(killed_run["tracking_uri"]).get_metric_history(killed_run["mlflow_run_id"],
+                                                                                 TRAIN_LOSS)
+    curve = sorted(history, key=lambda point: point.step)
+    assert [point.step for point in curve] == list(range(KILL_EVERY, KILL_ITERATIONS + 1, KILL_EVERY))
+    assert [point.step for point in curve if point.step <= seen] == list(range(KILL_EVERY, seen + 1, KILL_EVERY))
+    resumed = [(point.step, point.value) for point in curve if point.step > seen]
+    assert resumed == [(step, pytest.approx(loss)) for step, loss in result["losses"]]
+    assert [point.timestamp for point in curve] == sorted(point.timestamp for point in curve)
 
 
 def test_the_restarted_worker_is_a_new_process(killed_run):

@@ -281,17 +281,26 @@ def estimate_stage_ia(cfg: ExperimentConfig, estimate_dir: str | Path) -> tuple[
     return transform, {"source": source.of_kind(target.kind).to_dict(), "target": target.to_dict()}
 
 
-def run_labelling(passes, cfg: ExperimentConfig, checkpoint: str | Path, dataset, out_dir: str | Path,
-                  settings: TeacherSettings, priors_used: dict | None = None,
-                  log: Callable[[str], None] = print) -> dict:
-    """A labelling pass with its manifest (``pseudo.json``) and a closing line with the failure count; what
-    ``ray_jobs/soft_labels.py``, ``ray_jobs/predict.py`` and ``labelshift predict`` run."""
-    from labelshift.pseudo import LABEL_MANIFEST, write_label_manifest
+CLAIM_NOTES = {"new": "a new output directory", "resume": "resumed: the others were complete",
+               "overwrite": "the previous pass's outputs were deleted first"}
 
+
+def run_labelling(passes, cfg: ExperimentConfig, checkpoint: str | Path, dataset, out_dir: str | Path,
+                  settings: TeacherSettings, priors_used: dict | None = None, *, overwrite: bool = False,
+                  log: Callable[[str], None] = print) -> dict:
+    """A standalone labelling pass with its record and manifest; what ``ray_jobs/soft_labels.py``,
+    ``ray_jobs/predict.py`` and ``labelshift predict`` run. ``out_dir`` first gets the record of what determines
+    its files (``pseudo.labelling_record``): a directory with the same record resumes (only missing files are
+    computed), one with another record raises ``pseudo.OutputConflict`` naming the differences unless
+    ``overwrite`` (its files are deleted first). Writes ``pseudo.json`` and logs a line with the failure count."""
+    from labelshift.pseudo import LABEL_MANIFEST, claim_output_dir, labelling_record, write_label_manifest
+
+    record = labelling_record(cfg, checkpoint, list(dataset.names), settings, priors_used)
+    claimed = claim_output_dir(out_dir, record, overwrite=overwrite)
     counts = passes.label(cfg, checkpoint, dataset, out_dir, settings)
     manifest = write_label_manifest(out_dir, cfg, checkpoint, counts, settings, priors_used)
     log(f"{counts['images']} images labelled in {counts['chunks_run']} of {counts['chunks_total']} chunks "
-        f"(the others were complete); {counts['failures']} failure(s)"
+        f"({CLAIM_NOTES[claimed]}); {counts['failures']} failure(s)"
         + (f": {', '.join(f['name'] for f in counts['failed'])}" if counts["failures"] else "")
         + f"; manifest {manifest.parent / LABEL_MANIFEST}")
     return counts

@@ -1,2 +1,2 @@
 """Per-worker training loops (source-only, Classifier Refinement, self-distillation) that Ray Train's
-``TorchTrainer`` runs on many workers and :class:`labelshift.pipeline.LocalTrainRunner` runs in one process."""
+``TorchTrainer`` runs on many workers and :class:`labelshift.runners.train.LocalTrainRunner` runs in one process."""
