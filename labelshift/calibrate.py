@@ -1,7 +1,15 @@
 """Calibration of logits on a labelled source split: temperature scaling and BCTS.
 
 BCTS (bias-corrected temperature scaling, Alexandari et al. ICML 2020) fits ``z / T + b``; plain
-temperature scaling fits ``z / T`` (b = 0). Both minimise the NLL with torch LBFGS in float64.
+temperature scaling fits ``z / T`` (b = 0). All methods minimise the NLL with torch LBFGS in float64.
+
+BCTS's bias absorbs the class mix of the calibration sample, so its posteriors hold under that sample's label
+histogram, which for a class seen in a handful of source-val images is a poor estimate (the across-worlds
+failure of issue 15: 17 bicycle pixels on one world). ``bcts_anchored`` splits the bias into the part it knows,
+``log π_sample − log π_train`` (the sample's histogram against the source training prior), and the model's own
+per-class miscalibration ``d``, fitted with a ridge penalty ``ridge/2·|d|²`` (a N(0, 1) prior on each d_c over
+~1/ridge effective pixels): ``apply(z) = z/T + d``, whose posteriors hold under the training prior, with d → 0
+for the classes the sample barely holds.
 
 IA must then be applied in the same calibrated space: ``z/T + b − log π_s + log π_t``. Because
 ``z/T + b − log π_s = z/T − log(π_s·e^{−b})``, :meth:`Calibration.effective_source_prior` gives the
@@ -22,8 +30,9 @@ import torch.nn.functional as F
 from labelshift.classes import IGNORE_INDEX
 from labelshift.priors import ClassPrior, floor_probabilities
 
-CalibrationMethod = Literal["none", "temperature", "bcts"]
-CALIBRATION_METHODS = ("none", "temperature", "bcts")
+CalibrationMethod = Literal["none", "temperature", "bcts", "bcts_anchored"]
+CALIBRATION_METHODS = ("none", "temperature", "bcts", "bcts_anchored")
+ANCHORED_RIDGE = 1e-4  # bcts_anchored's ridge on d: fixed a priori (N(0, 1) per class, ~10⁴ effective pixels)
 
 
 @dataclass
@@ -119,12 +128,13 @@ def _flatten_labelled(logits: Any, labels: Any, dim: int, ignore_index: int) -> 
 
 def fit_calibration(logits: Any, labels: Any, method: CalibrationMethod = "bcts", *, dim: int = 1,
                     ignore_index: int = IGNORE_INDEX, max_iter: int = 200, max_samples: int | None = None,
-                    seed: int = 0) -> Calibration:
-    """Fit temperature scaling or BCTS by minimising the NLL on labelled (source-validation) data.
+                    seed: int = 0, training_prior: Any = None, ridge: float = ANCHORED_RIDGE) -> Calibration:
+    """Fit temperature scaling, BCTS or anchored BCTS by minimising the NLL on labelled (source-validation) data.
 
     logits: (N, K) or (B, K, H, W) (classes along ``dim``), torch or numpy; labels: (N,) or (B, H, W).
     ``max_samples``: fit on a seeded uniform subset of the valid samples (pixels) of at most that size.
-    ``method="none"`` returns the identity. The BCTS bias is centred (mean 0): softmax ignores a constant.
+    ``method="none"`` returns the identity. The bias is centred (mean 0): softmax ignores a constant.
+    ``training_prior`` (K,) (the source training pixel prior) and ``ridge``: ``bcts_anchored`` only.
     """
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"unknown calibration method {method!r}; known: {CALIBRATION_METHODS}")
@@ -138,15 +148,21 @@ def fit_calibration(logits: Any, labels: Any, method: CalibrationMethod = "bcts"
     if method == "none":
         return Calibration(1.0, np.zeros(num_classes), "none",
                            {"nll_before": nll_before, "nll_after": nll_before, "num_samples": len(targets)})
+    fits_bias = method in ("bcts", "bcts_anchored")
+    offset, penalty = torch.zeros(num_classes, dtype=torch.float64, device=scores.device), 0.0
+    if method == "bcts_anchored":
+        offset = _class_mix_offset(targets, training_prior, num_classes).to(scores.device)
+        penalty = float(ridge)
     log_temperature = torch.zeros((), dtype=torch.float64, device=scores.device, requires_grad=True)
-    bias = torch.zeros(num_classes, dtype=torch.float64, device=scores.device, requires_grad=(method == "bcts"))
-    parameters = [log_temperature, bias] if method == "bcts" else [log_temperature]
+    bias = torch.zeros(num_classes, dtype=torch.float64, device=scores.device, requires_grad=fits_bias)
+    parameters = [log_temperature, bias] if fits_bias else [log_temperature]
     optimizer = torch.optim.LBFGS(parameters, lr=1.0, max_iter=max_iter, tolerance_grad=1e-10,
                                   tolerance_change=1e-14, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = F.cross_entropy(scores * torch.exp(-log_temperature) + bias, targets)
+        loss = F.cross_entropy(scores * torch.exp(-log_temperature) + offset + bias, targets)
+        loss = loss + penalty / 2 * (bias ** 2).sum()
         loss.backward()
         return loss
 
@@ -154,6 +170,21 @@ def fit_calibration(logits: Any, labels: Any, method: CalibrationMethod = "bcts"
     with torch.no_grad():
         centred_bias = bias - bias.mean()
         temperature = float(torch.exp(log_temperature))
-        nll_after = float(F.cross_entropy(scores / temperature + centred_bias, targets))
-    return Calibration(temperature, centred_bias.cpu().numpy(), method,
-                       {"nll_before": nll_before, "nll_after": nll_after, "num_samples": len(targets)})
+        nll_after = float(F.cross_entropy(scores / temperature + offset + centred_bias, targets))
+    metrics = {"nll_before": nll_before, "nll_after": nll_after, "num_samples": len(targets)}
+    if method == "bcts_anchored":
+        metrics["ridge"] = penalty
+    return Calibration(temperature, centred_bias.cpu().numpy(), method, metrics)
+
+
+def _class_mix_offset(targets: torch.Tensor, training_prior: Any, num_classes: int) -> torch.Tensor:
+    """(K,) log π_sample − log π_train: what BCTS's bias would absorb of the sample's class mix."""
+    if training_prior is None:
+        raise ValueError("bcts_anchored needs training_prior= (the source training pixel prior)")
+    training = training_prior.probs if isinstance(training_prior, ClassPrior) else training_prior
+    training = floor_probabilities(training, warn=False)
+    if training.shape != (num_classes,):
+        raise ValueError(f"training prior has {training.shape[0]} classes, logits {num_classes}")
+    counts = torch.bincount(targets.cpu(), minlength=num_classes).double().numpy()
+    sample = floor_probabilities(counts / counts.sum(), warn=False)
+    return torch.from_numpy(np.log(sample) - np.log(training))

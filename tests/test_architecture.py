@@ -83,7 +83,7 @@ def test_estimator_names_come_from_the_registry():
     from labelshift.config import PriorConfig
     from labelshift.estimate import ESTIMATORS, IMAGE_METHODS, METHODS, PIXEL_METHODS
 
-    assert METHODS == ("reference", "count", "soft_count", "presence", "em", "bbse", "em_raw")
+    assert METHODS == ("reference", "count", "soft_count", "presence", "em", "bbse", "em_raw", "ensemble")
     assert set(PIXEL_METHODS) | set(IMAGE_METHODS) == set(METHODS) and IMAGE_METHODS == ("reference", "presence")
     assert {name: cls.kind for name, cls in ESTIMATORS.items()}["presence"] == "image"
     sources = {path: path.read_text() for path in PACKAGE.rglob("*.py") if "estimate" not in path.parts}

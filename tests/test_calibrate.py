@@ -114,13 +114,14 @@ GAUSSIAN_MEANS = np.array([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0], [3.0, 3.0]])
 SOURCE_PRIOR, TARGET_PRIOR = np.array([0.4, 0.3, 0.2, 0.1]), np.array([0.1, 0.2, 0.3, 0.4])
 
 
-def _gaussian_sample(rng: np.random.Generator, prior: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _gaussian_sample(rng: np.random.Generator, prior: np.ndarray, size: int,
+                     spread: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     labels = rng.permutation(np.repeat(np.arange(4), np.round(prior * size).astype(int)))
-    return GAUSSIAN_MEANS[labels] + rng.standard_normal((len(labels), 2)), labels
+    return GAUSSIAN_MEANS[labels] * spread + rng.standard_normal((len(labels), 2)), labels
 
 
-def _log_source_posterior(points: np.ndarray) -> np.ndarray:
-    log_joint = -0.5 * ((points[:, None, :] - GAUSSIAN_MEANS[None]) ** 2).sum(-1) + np.log(SOURCE_PRIOR)
+def _log_source_posterior(points: np.ndarray, spread: float = 1.0) -> np.ndarray:
+    log_joint = -0.5 * ((points[:, None, :] - GAUSSIAN_MEANS[None] * spread) ** 2).sum(-1) + np.log(SOURCE_PRIOR)
     return log_joint - np.logaddexp.reduce(log_joint, axis=1, keepdims=True)
 
 
@@ -170,3 +171,42 @@ def test_pipeline_ia_space(space):
     image_target = ClassPrior(NAMES, [0.5, 0.5, 0.5, 0.5, 0.5], "image")
     image_adjusted = ia_transform(AdjustConfig(space=space), source, image_target, calibration)(logits)  # raw always
     torch.testing.assert_close(image_adjusted.softmax(1), adjust_logits(logits, priors["source_image"], image_target).softmax(1))
+
+
+def test_anchored_bcts_without_ridge_is_bcts_with_the_sample_mix_moved_to_the_training_prior():
+    """ridge 0: softmax(z/T + d) under π_train is BCTS's softmax(z/T + b) under the sample's mix, re-weighted."""
+    logits, labels = _calibrated_data(num_samples=8000, seed=4)
+    training = np.array([0.3, 0.25, 0.2, 0.15, 0.1])
+    distorted = logits * 2 + torch.tensor([0.5, 0.0, -0.4, 0.2, -0.3], dtype=torch.float64)
+    plain = fit_calibration(distorted, labels, method="bcts")
+    anchored = fit_calibration(distorted, labels, method="bcts_anchored", training_prior=training, ridge=0.0)
+    mix = np.bincount(labels.numpy(), minlength=5) / len(labels)
+    assert anchored.method == "bcts_anchored" and anchored.metrics["ridge"] == 0.0
+    assert anchored.temperature == pytest.approx(plain.temperature, rel=1e-5)
+    moved = torch.softmax(anchored.apply(distorted) + torch.from_numpy(np.log(mix / training)), 1)
+    np.testing.assert_allclose(moved.numpy(), torch.softmax(plain.apply(distorted), 1).numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="training_prior"):
+        fit_calibration(distorted, labels, method="bcts_anchored")
+
+
+def test_anchored_bcts_keeps_a_class_the_calibration_sample_barely_holds():
+    """A calibrated model (trained under π_s) checked on a sample holding 6 pixels of class z: BCTS's bias and
+    EM's ratio q/π_cal then rest on those 6 pixels; the anchored fit leaves z's bias near 0, so EM under π_s
+    recovers the target prior."""
+    rng = np.random.default_rng(5)
+    calibration_mix = np.array([0.45, 0.35, 0.1997, 0.0003])
+    sample_points, sample_labels = _gaussian_sample(rng, calibration_mix, 20_000, spread=2.0)
+    target_points, _ = _gaussian_sample(rng, TARGET_PRIOR, 50_000, spread=2.0)
+    sample_logits = torch.from_numpy(_log_source_posterior(sample_points, spread=2.0))
+    target_logits = torch.from_numpy(_log_source_posterior(target_points, spread=2.0))
+    source = ClassPrior(("w", "x", "y", "z"), SOURCE_PRIOR, "pixel")
+    anchored = fit_calibration(sample_logits, torch.from_numpy(sample_labels), "bcts_anchored", training_prior=source)
+    plain = fit_calibration(sample_logits, torch.from_numpy(sample_labels), "bcts")
+    assert np.bincount(sample_labels, minlength=4)[3] == 6
+    assert np.abs(anchored.bias).max() < 0.5 and plain.bias[3] < -6  # BCTS: z's bias absorbs the sample's mix
+    sample_mix = ClassPrior.from_counts(source.classes, np.bincount(sample_labels, minlength=4), "pixel")
+    estimate = estimate_prior(torch.softmax(anchored.apply(target_logits), 1), "em", source_prior=source, bootstrap=0)
+    plain_estimate = estimate_prior(torch.softmax(plain.apply(target_logits), 1), "em", source_prior=sample_mix,
+                                    bootstrap=0)
+    assert prior_l1(estimate, TARGET_PRIOR) < 0.002
+    assert prior_l1(plain_estimate, TARGET_PRIOR) > 4 * prior_l1(estimate, TARGET_PRIOR)

@@ -97,7 +97,7 @@ def test_bad_value_names_key_file_and_expectation():
     message = str(err.value)
     assert f"invalid configuration in {CONFIGS / 'demo.yaml'}:" in message
     assert ("prior.method: unknown prior estimator 'magic'; expected one of ['reference', 'count', 'soft_count', "
-            "'presence', 'em', 'bbse', 'em_raw'] (got 'magic')") in message
+            "'presence', 'em', 'bbse', 'em_raw', 'ensemble'] (got 'magic')") in message
 
 
 def test_bad_override_syntax_and_missing_file(tmp_path):

@@ -294,3 +294,45 @@ def test_estimate_prior_passes_the_source_prior_to_the_reference_rule_as_thresho
     np.testing.assert_array_equal(via_source.counts, explicit.counts)
     with pytest.raises(ValueError, match=r"got shape \(2, 5, 6\)"):
         make_estimator("count", NAMES).update(np.ones((2, 5, 6), dtype=np.float32).tolist())
+
+
+def test_the_ensemble_averages_its_members_ia_shifts_against_the_source_prior_of_each_kind():
+    from labelshift.estimate.ensemble import ENSEMBLES, ensemble_prior
+    from labelshift.priors import SourcePriors
+
+    classes = ("a", "b", "c")
+    source = SourcePriors(ClassPrior(classes, [0.5, 0.3, 0.2], "pixel"), ClassPrior(classes, [0.4, 0.4, 0.2], "image"))
+    results = {"em": ClassPrior(classes, [0.25, 0.3, 0.45], "pixel"),
+               "reference": ClassPrior(classes, [0.4, 0.2, 0.4], "image"),
+               "soft_count": ClassPrior(classes, [0.5, 0.3, 0.2], "pixel")}  # = the source: no shift
+    assert ENSEMBLES["ensemble"] == ("em", "reference", "soft_count")
+    combined = ensemble_prior("ensemble", results, source)
+    # shifts: em log(0.5, 1, 2.25), reference log(1, 0.5, 2), soft_count 0; their mean applied to the pixel prior
+    expected = np.array([0.5, 0.3, 0.2]) * np.cbrt(np.array([0.5 * 1, 1 * 0.5, 2.25 * 2]))
+    np.testing.assert_allclose(combined.probs, expected / expected.sum(), rtol=1e-12)
+    assert combined.kind == "pixel" and combined.provenance["members"] == ["em", "reference", "soft_count"]
+    unshifted = ensemble_prior("ensemble", {**results, "em": source.pixel, "reference": source.image}, source)
+    np.testing.assert_allclose(unshifted.probs, source.pixel.probs, rtol=1e-12)
+
+
+def test_an_estimate_pass_asked_for_the_ensemble_runs_its_members_and_combines_their_results():
+    from labelshift.estimate import EstimatorInputs, estimator_class, estimator_results, make_estimators
+    from labelshift.estimate.ensemble import ensemble_prior
+    from labelshift.priors import SourcePriors
+
+    source = SourcePriors(ClassPrior(NAMES, SOURCE_PRIOR, "pixel"), ClassPrior(NAMES, [0.7, 0.6, 0.5, 0.3], "image"))
+    inputs = EstimatorInputs(source.pixel, source.pixel, em_sample_pixels=4000)
+    estimators = make_estimators(["ensemble", "count"], NAMES, inputs, bootstrap=0, seed=0)
+    assert list(estimators) == ["em", "reference", "soft_count", "count"]
+    probs = _random_probability_maps(3, batch=4, num_classes=4)
+    for estimator in estimators.values():
+        estimator.update(probs, names=[f"img{i}" for i in range(4)])
+    results = estimator_results(estimators, {"split": "train"}, ensembles=["ensemble"], source=source)
+    assert list(results) == ["em", "reference", "soft_count", "count", "ensemble"]
+    members = {m: results[m] for m in ("em", "reference", "soft_count")}
+    np.testing.assert_array_equal(results["ensemble"].probs, ensemble_prior("ensemble", members, source).probs)
+    assert results["ensemble"].provenance["member_provenance"]["em"]["split"] == "train"
+    with pytest.raises(ValueError, match="combines the results of"):
+        estimator_class("ensemble")
+    with pytest.raises(ValueError, match="needs the source priors"):
+        estimator_results(estimators, ensembles=["ensemble"])

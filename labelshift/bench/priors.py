@@ -29,7 +29,7 @@ import torch
 
 from labelshift.adjust import ia_transform
 from labelshift.calibrate import Calibration, fit_calibration
-from labelshift.estimate import PIXEL_METHODS, estimate_prior, estimator_class
+from labelshift.estimate import ESTIMATORS, PIXEL_METHODS, estimate_prior, estimator_class
 from labelshift.atomic import write_json_atomic, write_text_atomic
 from labelshift.config import AdjustConfig
 from labelshift.priors import ClassPrior, prior_l1
@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     from labelshift.config import ExperimentConfig
 
 EM_BCTS = "em_bcts"  # EM on BCTS-calibrated posteriors (the other pixel methods see the raw softmax, bbse the calibrated)
-DIGITS_METHODS = (*PIXEL_METHODS, EM_BCTS)
+DIGITS_PIXEL_METHODS = tuple(m for m in PIXEL_METHODS if m in ESTIMATORS)  # no ensemble: digits have no image prior
+DIGITS_METHODS = (*DIGITS_PIXEL_METHODS, EM_BCTS)
 DIGITS_ACCURACIES = ("accuracy_no_adjust", "accuracy_em_adjust", "accuracy_oracle_adjust")
 DEFAULT_CONCENTRATIONS = (0.1, 1.0, 10.0)
 DEFAULT_SEEDS = 5
@@ -125,7 +126,7 @@ def _estimates(task: DigitsTask, logits: torch.Tensor) -> dict[str, np.ndarray]:
     common = {"classes": task.classes, "bootstrap": 0}
     priors = {}
     with _quiet_floors():
-        for method in PIXEL_METHODS:
+        for method in DIGITS_PIXEL_METHODS:
             if estimator_class(method).needs_source_labels:
                 priors[method] = estimate_prior(calibrated, method, source_probs=task.val_probs,
                                                 source_labels=task.val_labels, **common)
@@ -239,7 +240,7 @@ def world_metrics(estimate: dict[str, Any], evaluation: dict[str, Any]) -> dict[
     """
     from labelshift.artifacts import (NO_ADJUST, estimate_name, evaluation_key, ia_name, oracle_name,
                                       prior_error_key)
-    from labelshift.estimate import METHODS, estimator_class
+    from labelshift.estimate import METHODS, method_kind
 
     def miou(split: str, transform: str) -> float:
         return float(evaluation[evaluation_key(split, transform)]["miou"])
@@ -255,11 +256,11 @@ def world_metrics(estimate: dict[str, Any], evaluation: dict[str, Any]) -> dict[
         "no_adjust_image_l1": estimate.get(prior_error_key("no_adjust_image", "l1")),
         "calibration_temperature": estimate.get("calibration_temperature"),
     }
-    order = sorted(METHODS, key=lambda m: estimator_class(m).kind != "pixel")  # pixel methods first
+    order = sorted(METHODS, key=lambda m: method_kind(m) != "pixel")  # pixel methods first
     methods = [m for m in order if prior_error_key(m, "l1") in estimate]
     for method in methods:
         ia_miou = miou("target_val", ia_name(estimate_name(method)))
-        metrics[f"{method}_kind"] = estimator_class(method).kind
+        metrics[f"{method}_kind"] = method_kind(method)
         metrics[f"{method}_l1"] = float(estimate[prior_error_key(method, "l1")])
         metrics[f"{method}_kl"] = float(estimate[prior_error_key(method, "kl")])
         metrics[f"{method}_ia_miou"] = ia_miou

@@ -31,8 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from labelshift.bench.priors import EM_BCTS
-from labelshift.estimate import PIXEL_METHODS
+from labelshift.bench.priors import DIGITS_PIXEL_METHODS, EM_BCTS
 from labelshift.config.sweep import LABEL_FREE_OBJECTIVES
 
 TIMING_SPACE = {"adjust.temperature": [0.75, 1.0, 1.5, 2.0], "adjust.tau_source": [0.5, 1.0],
@@ -40,7 +39,7 @@ TIMING_SPACE = {"adjust.temperature": [0.75, 1.0, 1.5, 2.0], "adjust.tau_source"
 TIMING_CONCURRENT_TRIALS = 2  # one trial per core of the 2-CPU Ray instance (IA trials: no ASHA, no MLflow)
 DIGITS_GRID = {"adjust.temperature": [0.75, 1.0, 1.5], "adjust.tau_source": [0.5, 1.0],
                "adjust.tau_target": [0.5, 1.0, 1.5],
-               "prior.method": [EM_BCTS, *PIXEL_METHODS]}  # digits' pixel methods see the raw softmax, bbse + em_bcts BCTS
+               "prior.method": [EM_BCTS, *DIGITS_PIXEL_METHODS]}  # digits' pixel methods see the raw softmax, bbse + em_bcts BCTS
 DIGITS_DEFAULT = {"adjust.temperature": 1.0, "adjust.tau_source": 1.0, "adjust.tau_target": 1.0,
                   "prior.method": EM_BCTS}  # the guard's fallback on digits (no reference estimator there)
 

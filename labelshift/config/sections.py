@@ -223,7 +223,7 @@ class PriorConfig(StrictModel):
     ``seed`` seeds the estimators' pixel samples, the calibration sample and the bootstrap."""
 
     method: str = "em"
-    calibration: Literal["none", "temperature", "bcts"] = "bcts"
+    calibration: Literal["none", "temperature", "bcts", "bcts_anchored"] = "bcts"
     # Source priors (preset name or JSON path). ``source_prior`` may be of either kind and takes the place of
     # its kind; ``source_pixel_prior`` / ``source_image_prior`` name each kind. A kind left unset: the exact
     # statistics of the source split's labels.

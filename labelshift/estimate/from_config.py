@@ -15,6 +15,7 @@ from labelshift.calibrate import Calibration, fit_calibration
 from labelshift.classes import ClassSet
 from labelshift.config import ExperimentConfig, PriorConfig
 from labelshift.estimate.base import EstimatorInputs, PriorEstimator
+from labelshift.estimate.ensemble import ensembles_of
 from labelshift.estimate.passes import (calibrated_source_prior, estimator_results, feed_source_sample,
                                         label_statistics_of, make_estimators, needs_source_validation,
                                         update_estimators)
@@ -117,7 +118,7 @@ def estimate_target_priors(cfg: ExperimentConfig, model: nn.Module, checkpoint: 
         elif oracle is not None:
             oracle.update(labels)
     provenance = estimation_provenance(cfg, checkpoint, checkpoint_hash, setup.calibration)
-    return PriorEstimation(setup.source, setup.calibration, estimator_results(estimators, provenance), oracle)
+    return PriorEstimation(setup.source, setup.calibration, setup.results(provenance), oracle)
 
 
 CALIBRATION_PIXELS_PER_IMAGE = 2000  # labelled source-val pixels per image the calibration is fitted on
@@ -132,6 +133,11 @@ class EstimatorSetup:
     calibration: Calibration
     inputs: EstimatorInputs
     estimators: dict[str, PriorEstimator]
+    ensembles: tuple[str, ...] = ()  # requested ensembles, combined from the estimators' results
+
+    def results(self, provenance: dict) -> dict[str, ClassPrior]:
+        """Every estimator's result and the requested ensembles, with ``provenance`` added."""
+        return estimator_results(self.estimators, provenance, ensembles=self.ensembles, source=self.source)
 
 
 def prepare_estimators(cfg: ExperimentConfig, methods: tuple[str, ...],
@@ -143,7 +149,8 @@ def prepare_estimators(cfg: ExperimentConfig, methods: tuple[str, ...],
     source = source_priors(cfg)
     if needs_source_validation(methods, prior_cfg.calibration):
         sample_logits, sample_labels = sample_source_val()
-        calibration = fit_calibration(sample_logits, sample_labels, method=prior_cfg.calibration)
+        calibration = fit_calibration(sample_logits, sample_labels, method=prior_cfg.calibration,
+                                      training_prior=source.pixel)
     else:
         calibration = Calibration.identity(len(class_names))
         sample_logits, sample_labels = torch.zeros(0, len(class_names)), torch.zeros(0, dtype=torch.long)
@@ -152,7 +159,7 @@ def prepare_estimators(cfg: ExperimentConfig, methods: tuple[str, ...],
                              prior_cfg.presence_threshold)
     estimators = shard_estimators(cfg, methods, inputs)
     feed_source_sample(estimators, calibration, sample_logits, sample_labels)
-    return EstimatorSetup(source, calibration, inputs, estimators)
+    return EstimatorSetup(source, calibration, inputs, estimators, ensembles_of(methods))
 
 
 def shard_estimators(cfg: ExperimentConfig, methods: tuple[str, ...],

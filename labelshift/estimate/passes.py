@@ -19,6 +19,7 @@ from torch import nn
 
 from labelshift.calibrate import Calibration, fit_calibration
 from labelshift.estimate.base import EstimatorInputs, PriorEstimator
+from labelshift.estimate.ensemble import ensemble_prior, member_methods
 from labelshift.estimate.registry import estimator_class, make_estimator
 from labelshift.inference import sample_pixels
 from labelshift.priors import ClassPrior, LabelStatistics, SourcePriors, prior_kl, prior_l1
@@ -41,13 +42,13 @@ def label_statistics_of(dataset, class_names: tuple[str, ...], num_workers: int 
 
 
 def fit_source_calibration(model: nn.Module, loader: Iterable[dict], method: str, *, device: torch.device,
-                           pixels_per_image: int = 2000, seed: int = 0,
-                           amp_dtype: torch.dtype | None = None) -> tuple[Calibration, tuple[torch.Tensor, torch.Tensor]]:
+                           pixels_per_image: int = 2000, seed: int = 0, amp_dtype: torch.dtype | None = None,
+                           training_prior: ClassPrior | None = None) -> tuple[Calibration, tuple[torch.Tensor, torch.Tensor]]:
     """Calibration fitted on a seeded pixel sample of a labelled source split; returns it and the sample
-    (logits (N, K), labels (N,))."""
+    (logits (N, K), labels (N,)). ``training_prior``: the source training pixel prior (``bcts_anchored``)."""
     logits, labels = sample_pixels(model, loader, device=device, pixels_per_image=pixels_per_image, seed=seed,
                                    amp_dtype=amp_dtype)
-    return fit_calibration(logits, labels, method=method), (logits, labels)
+    return fit_calibration(logits, labels, method=method, training_prior=training_prior), (logits, labels)
 
 
 def calibrated_source_prior(calibration: Calibration, sample_labels: torch.Tensor,
@@ -55,7 +56,8 @@ def calibrated_source_prior(calibration: Calibration, sample_labels: torch.Tenso
     """The prior under which the calibrated posteriors softmax(z/T + b) hold.
 
     BCTS fits its bias on the source-validation sample, so it absorbs that sample's class mix: the posteriors
-    then hold under the sample's label histogram. Plain temperature scaling keeps the training prior.
+    then hold under the sample's label histogram. Plain temperature scaling and anchored BCTS (whose fit
+    removes that mix, ``labelshift.calibrate``) keep the training prior.
     """
     if calibration.method != "bcts":
         return source_pixel_prior
@@ -68,17 +70,18 @@ def calibrated_source_prior(calibration: Calibration, sample_labels: torch.Tenso
 def needs_source_validation(methods: Iterable[str], calibration_method: str) -> bool:
     """Whether a labelled source-validation split is needed: a method that needs source labels, or a
     calibration for a method fed calibrated posteriors."""
-    classes = [estimator_class(method) for method in methods]
+    classes = [estimator_class(method) for method in member_methods(tuple(methods))]
     return any(cls.needs_source_labels for cls in classes) or (
         calibration_method != "none" and any(cls.posteriors == "calibrated" for cls in classes))
 
 
 def make_estimators(methods: Iterable[str], class_names: tuple[str, ...], inputs: EstimatorInputs, *,
                     bootstrap: int, seed: int) -> dict[str, PriorEstimator]:
-    """A fresh estimator per method (in the given order), each with the arguments it takes from ``inputs``."""
+    """A fresh estimator per method (in the given order; an ensemble gives its members), each with the
+    arguments it takes from ``inputs``."""
     return {method: make_estimator(method, class_names, bootstrap=bootstrap, seed=seed,
                                    **estimator_class(method).arguments(inputs))
-            for method in dict.fromkeys(methods)}
+            for method in member_methods(tuple(methods))}
 
 
 def feed_source_sample(estimators: Mapping[str, PriorEstimator], calibration: Calibration,
@@ -121,11 +124,17 @@ def merge_estimators(into: Mapping[str, PriorEstimator], other: Mapping[str, Pri
         estimator.merge(other[method])
 
 
-def estimator_results(estimators: Mapping[str, PriorEstimator],
-                      provenance: Mapping[str, object] | None = None) -> dict[str, ClassPrior]:
-    """{method: ClassPrior} with ``provenance`` (checkpoint, dataset, split, calibration, ...) added."""
-    return {method: estimator.result().with_provenance(**(provenance or {}))
-            for method, estimator in estimators.items()}
+def estimator_results(estimators: Mapping[str, PriorEstimator], provenance: Mapping[str, object] | None = None,
+                      *, ensembles: Iterable[str] = (), source: SourcePriors | None = None) -> dict[str, ClassPrior]:
+    """{method: ClassPrior} with ``provenance`` (checkpoint, dataset, split, calibration, ...) added, then the
+    requested ``ensembles`` combined from those results (they need the ``source`` priors)."""
+    results = {method: estimator.result().with_provenance(**(provenance or {}))
+               for method, estimator in estimators.items()}
+    for name in dict.fromkeys(ensembles):
+        if source is None:
+            raise ValueError(f"the ensemble {name!r} needs the source priors (source=)")
+        results[name] = ensemble_prior(name, results, source)
+    return results
 
 
 def prior_errors(estimates: Mapping[str, ClassPrior], oracle_pixel: ClassPrior, oracle_image: ClassPrior,

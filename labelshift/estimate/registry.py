@@ -12,6 +12,7 @@ from labelshift.classes import ClassSet
 from labelshift.estimate.base import PriorEstimator
 from labelshift.estimate.bbse import BBSEEstimator
 from labelshift.estimate.em import EMEstimator, EMRawEstimator
+from labelshift.estimate.ensemble import ENSEMBLES
 from labelshift.estimate.rules import CountEstimator, PresenceEstimator, ReferenceEstimator, SoftCountEstimator
 from labelshift.priors import ClassPrior
 
@@ -20,8 +21,8 @@ ESTIMATORS: dict[str, type[PriorEstimator]] = {
         ReferenceEstimator, CountEstimator, SoftCountEstimator, PresenceEstimator, EMEstimator, BBSEEstimator,
         EMRawEstimator)
 }
-METHODS: tuple[str, ...] = tuple(ESTIMATORS)
-PIXEL_METHODS: tuple[str, ...] = tuple(name for name, cls in ESTIMATORS.items() if cls.kind == "pixel")
+METHODS: tuple[str, ...] = (*ESTIMATORS, *ENSEMBLES)  # an ensemble combines estimators' results: a pixel prior
+PIXEL_METHODS: tuple[str, ...] = (*(name for name, cls in ESTIMATORS.items() if cls.kind == "pixel"), *ENSEMBLES)
 IMAGE_METHODS: tuple[str, ...] = tuple(name for name, cls in ESTIMATORS.items() if cls.kind == "image")
 
 
@@ -30,7 +31,15 @@ def estimator_class(method: str) -> type[PriorEstimator]:
     try:
         return ESTIMATORS[method]
     except KeyError:
+        if method in ENSEMBLES:
+            raise ValueError(f"{method!r} combines the results of {list(ENSEMBLES[method])}: run those in an "
+                             "estimate pass (make_estimators / estimator_results)") from None
         raise ValueError(f"unknown prior estimator {method!r}; known: {list(METHODS)}") from None
+
+
+def method_kind(method: str) -> str:
+    """The kind of prior ``method`` gives (pixel | image); an ensemble gives a pixel prior."""
+    return "pixel" if method in ENSEMBLES else estimator_class(method).kind
 
 
 def make_estimator(method: str, classes: ClassSet | Sequence[str], **kwargs: Any) -> PriorEstimator:

@@ -31,7 +31,7 @@ from labelshift.data.chunks import as_eval_batch, decode_chunk, plan_chunks
 from labelshift.estimate.base import EstimatorInputs
 from labelshift.estimate.from_config import (CALIBRATION_PIXELS_PER_IMAGE, PriorEstimation, estimation_provenance,
                                              prepare_estimators, shard_estimators)
-from labelshift.estimate.passes import estimator_results, expect_pixels, merge_estimators, update_estimators
+from labelshift.estimate.passes import expect_pixels, merge_estimators, update_estimators
 from labelshift.inference import LogitTransform, evaluate, iterate_predictions, sample_pixels
 from labelshift.metrics import ConfusionMatrix
 from labelshift.priors import LabelStatistics
@@ -207,7 +207,7 @@ def estimate_pass(cfg: ExperimentConfig, checkpoint: str | Path, *, methods: tup
         if oracle is not None and shard_oracle is not None:
             oracle.merge(shard_oracle)
     provenance = estimation_provenance(cfg, checkpoint, checkpoint_hash, setup.calibration)
-    return PriorEstimation(setup.source, setup.calibration, estimator_results(setup.estimators, provenance),
+    return PriorEstimation(setup.source, setup.calibration, setup.results(provenance),
                            oracle if with_oracle and dataset.with_labels else None)
 
 
