@@ -236,7 +236,7 @@ def _check_mlflow(tracking_uri: str, out: Path, resumed: int) -> None:
     parents = runs[runs["tags.mlflow.runName"] == "demo"]
     assert list(parents["status"])[-1] == "FINISHED" and parents["status"].iloc[0] in ("KILLED", "FAILED")
     parent = parents.iloc[-1]
-    assert parent["params.train.refine.iterations"] == "2000" and parent["params.prior.method"] == "em"
+    assert parent["params.train.refine.iterations"] == "2000" and parent["params.prior.method"] == "ensemble"
     stages = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]].set_index("tags.mlflow.runName")
     assert set(stages.index) == {"refine", "evaluate_refined", "pseudo", "distill", "evaluate_distilled", "export"}
     assert (stages["status"] == "FINISHED").all()

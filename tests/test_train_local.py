@@ -199,7 +199,7 @@ def test_the_estimate_stage_reports_the_l1_error_of_every_prior_it_wrote(tiny_tr
         estimate = priors[f"estimate_{method}"]
         oracle = priors[f"oracle_{estimate.kind}"]
         assert metrics[f"{method}_l1"] == pytest.approx(np.abs(estimate.probs - oracle.probs).sum(), abs=1e-12)
-    assert priors["target"].probs.tolist() == priors["estimate_em"].probs.tolist()  # prior.method: em
+    assert priors["target"].probs.tolist() == priors["estimate_ensemble"].probs.tolist()  # prior.method: ensemble
 
 
 def test_a_changed_refine_setting_reruns_refine_and_everything_after_it(completed_run, tmp_path):

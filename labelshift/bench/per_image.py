@@ -135,7 +135,7 @@ def prepare_seed(config: str, out: Path, seed: int, seed0_stages: Path | None,
                  log: Callable[[str], None]) -> SeedRun:
     """Train (once), estimate (once) and cache the logits (once) of world ``seed``."""
     cfg, stages = seed_config(config, out, seed, seed0_stages)
-    if not (stages / "evaluate_adapted" / "manifest.json").is_file():
+    if stages != seed0_stages:  # the job skips complete stages and re-runs those whose settings changed
         train_seed(config, out, seed, log)
     cfg = selection_config(cfg)
     model_path = stages / "pretrain" / "model.safetensors"

@@ -222,8 +222,8 @@ class PriorConfig(StrictModel):
     """The target prior: ``method`` is a registered estimator (its kind, pixel or image, follows from it);
     ``seed`` seeds the estimators' pixel samples, the calibration sample and the bootstrap."""
 
-    method: str = "em"
-    calibration: Literal["none", "temperature", "bcts", "bcts_anchored"] = "bcts"
+    method: str = "ensemble"
+    calibration: Literal["none", "temperature", "bcts", "bcts_anchored"] = "bcts_anchored"
     # Source priors (preset name or JSON path). ``source_prior`` may be of either kind and takes the place of
     # its kind; ``source_pixel_prior`` / ``source_image_prior`` name each kind. A kind left unset: the exact
     # statistics of the source split's labels.
