@@ -2,6 +2,7 @@
 
     ray job submit --working-dir . -- python ray_jobs/refine.py --config configs/demo.yaml
     python ray_jobs/refine.py --config configs/demo.yaml [--stages estimate,evaluate_adapted] [section.key=value ...]
+    python ray_jobs/refine.py --config configs/demo.yaml --overrides-file outputs/sweep_ia/sweeps/ia/best_overrides.yaml
 
 Without a cluster address (``ray.address`` / ``RAY_ADDRESS``) it starts a local Ray instance. A job that runs
 from the temporary copy `ray job submit --working-dir` makes of the code, and whose output_dir, ray.storage_path
@@ -48,8 +49,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--progress", choices=("auto", "bars", "lines", "off"), default="auto",
                         help="training and evaluation progress: bars (redrawn in place), lines (a line per quarter "
                              "of a training run), off; auto (default): bars when stderr is a terminal, else lines")
+    parser.add_argument("--overrides-file", default=None,
+                        help="a YAML overrides file (a sweep's best_overrides.yaml: {config path: value}, or a list "
+                             "of section.key=value), applied before the command line's overrides")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     return parser.parse_args(argv)
+
+
+def job_overrides(args: argparse.Namespace) -> list[str]:
+    """The overrides file's ``section.key=value`` items, then the command line's (which win)."""
+    from labelshift.bundle import BundleError, read_overrides_file
+
+    if args.overrides_file is None:
+        return list(args.overrides)
+    try:
+        return [*read_overrides_file(args.overrides_file), *args.overrides]
+    except BundleError as err:
+        raise ConfigError(str(err)) from None
 
 
 def run_job(cfg: ExperimentConfig, stages: tuple[str, ...] | None, console: Console, progress: str) -> None:
@@ -70,7 +86,7 @@ def run_job(cfg: ExperimentConfig, stages: tuple[str, ...] | None, console: Cons
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, job_overrides(args))
         check_outside_working_dir_copy(cfg)
     except ConfigError as err:
         print(f"{NAME}: error: {err}", file=sys.stderr)

@@ -286,3 +286,17 @@ def test_the_rayservice_serves_the_application_of_serve_config_yaml():
     for container in _containers(spec):
         env = {e["name"]: e for e in container["env"]}
         assert env["LABELSHIFT_SERVE_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "labelshift-serve-token"
+
+
+def test_refine_py_takes_a_sweeps_overrides_file_before_the_command_lines_overrides(tmp_path, capsys):
+    from labelshift.config import load_config
+
+    refine = _load_refine()
+    best = tmp_path / "best_overrides.yaml"  # as ray_jobs/sweep.py writes it: {config path: value}
+    best.write_text("adjust.temperature: 0.75\nprior.method: reference\nadjust.tau_target: 1.5\n")
+    args = refine.parse_args(["--config", "configs/demo.yaml", "--overrides-file", str(best), "adjust.tau_target=2"])
+    cfg = load_config(PROJECT / "configs" / "demo.yaml", refine.job_overrides(args))
+    assert (cfg.adjust.temperature, cfg.prior.method, cfg.adjust.tau_target) == (0.75, "reference", 2.0)
+    assert refine.main(["--config", str(PROJECT / "configs" / "demo.yaml"), "--overrides-file",
+                        str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml does not exist" in capsys.readouterr().err
