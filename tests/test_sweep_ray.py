@@ -20,6 +20,20 @@ CR_SPACE = ["sweep.cr.parameters={train.refine.tau: {values: [0.5, 1.0]}}", "swe
             "sweep.cr.search=grid"]
 
 
+def _sweep_runs(out, space: str):
+    """The sweep's one FINISHED MLflow parent run of ``space`` and its FINISHED nested trial runs."""
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")
+    runs = [r for r in mlflow.search_runs(experiment_names=["labelshift-sweeps"], output_format="list")
+            if r.data.tags.get("labelshift.sweep") == space]
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    trial_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert all(r.info.status == "FINISHED" for r in trial_runs)
+    return parents[0], trial_runs
+
+
 def _sweep_main():
     spec = importlib.util.spec_from_file_location("sweep_job", PROJECT / "ray_jobs" / "sweep.py")
     module = importlib.util.module_from_spec(spec)
@@ -69,28 +83,25 @@ def test_ia_sweep_chooses_on_the_selection_split_and_matches_labelshift_evaluate
                        str(out / "stages" / "pretrain" / "model.safetensors"), "--split", "target_select",
                        "--adjust", "ia", "--source-prior", str(estimate / "source_pixel.json"),
                        "--target-prior", str(estimate / f"estimate_{best['prior.method']}.json"),
-                       "--temperature", str(best["adjust.temperature"]), "--out", str(direct), *overrides]) == 0
+                       "--temperature", str(best["adjust.temperature"]),
+                       "--tau-source", str(best.get("adjust.tau_source", 1.0)),
+                       "--tau-target", str(best.get("adjust.tau_target", 1.0)), "--out", str(direct), *overrides]) == 0
     assert abs(json.loads(direct.read_text())["miou"] - summary["chosen"]["select_miou"]) <= 0.01
 
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")
-    runs = mlflow.search_runs(experiment_names=["labelshift-sweeps"], output_format="list")
-    parents = [r for r in runs if r.data.tags.get("labelshift.sweep") == "ia" and "mlflow.parentRunId" not in
-               r.data.tags]
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    parent = parents[0]
-    trial_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
-                  and r.data.tags.get("labelshift.sweep") == "ia"]
-    assert len(trial_runs) == 4 and all(r.info.status == "FINISHED" for r in trial_runs)
+    parent, trial_runs = _sweep_runs(out, "ia")
+    assert len(trial_runs) == 4
     assert {r.data.params["prior.method"] for r in trial_runs} == {"em", "em_raw"}
     assert all("select_miou" in r.data.metrics and "label_free_expected_miou" in r.data.metrics for r in trial_runs)
     assert parent.data.metrics["sweep_ia.chosen.select_miou"] == pytest.approx(summary["chosen"]["select_miou"])
+    import mlflow
+
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "sweep_ia")}
     assert {"sweep_ia/best_overrides.yaml", "sweep_ia/miou_over_tau_target_and_T.png"} <= artifacts
 
 
-def test_cr_sweep_trains_on_ray_train_and_reports_the_selection_miou(local_ray, sweep_run):
+def test_cr_sweep_trains_on_ray_train_and_reports_the_selection_miou(local_ray, sweep_run, tmp_path):
+    from labelshift.cli import main as labelshift
+
     out, overrides = sweep_run
     assert _sweep_main()(["--config", str(SWEEP_CONFIG), "--space", "cr", *overrides, *CR_SPACE]) == 0
     sweep_dir = out / "sweeps" / "cr"
@@ -98,6 +109,11 @@ def test_cr_sweep_trains_on_ray_train_and_reports_the_selection_miou(local_ray, 
     assert sorted(t["setting"]["train.refine.tau"] for t in trials) == [0.5, 1.0]
     summary = json.loads((sweep_dir / "summary.json").read_text())
     assert summary["chosen"]["select_miou"] == max(t["metrics"]["select_miou"] for t in trials)
-    assert 0 <= summary["chosen"]["target_val_miou"] <= 100
+    direct = tmp_path / "direct.json"  # the chosen trial's final model, evaluated by the CLI
+    assert labelshift(["evaluate", "--config", str(SWEEP_CONFIG), "--checkpoint", summary["chosen"]["model"],
+                       "--split", "target_val", "--out", str(direct), *overrides]) == 0
+    assert abs(json.loads(direct.read_text())["miou"] - summary["chosen"]["target_val_miou"]) <= 0.01
+    parent, trial_runs = _sweep_runs(out, "cr")
+    assert sorted(float(r.data.params["train.refine.tau"]) for r in trial_runs) == [0.5, 1.0]
     best = yaml.safe_load((sweep_dir / "best_overrides.yaml").read_text())
     assert set(best) == {"train.refine.tau"}
