@@ -11,17 +11,17 @@ import torch
 
 pytestmark = pytest.mark.timeout(300)
 
-TEACHER = ("pseudo.teacher=adapted_ia", "pseudo.confidence_threshold=0.5")
+TEACHER = ("pseudo.teacher=refined", "pseudo.confidence_threshold=0.07")  # the CR model: an unsure teacher
 
 
 def _distill(cfg, out) -> dict:
-    """Run the job's pseudo and distill stages (the shared pretrain/estimate stages copied into ``out``);
-    returns the distill stage's manifest."""
+    """Run the job's refine, pseudo and distill stages (the shared pretrain/estimate stages copied into
+    ``out``; stages already there with the same settings are kept); returns the distill stage's manifest."""
     from labelshift.pipeline import Pipeline
     from labelshift.runners import LocalTrainRunner
     from labelshift.tracking import Tracker
 
-    Pipeline(cfg, LocalTrainRunner(out / "train"), Tracker(), log=lambda m: None).run(("pseudo", "distill"))
+    Pipeline(cfg, LocalTrainRunner(out / "train"), Tracker(), log=lambda m: None).run(("refine", "pseudo", "distill"))
     return json.loads((out / "stages" / "distill" / "manifest.json").read_text())
 
 
@@ -60,7 +60,7 @@ def test_first_soft_distillation_step_loss_equals_a_hand_computation(shared_cfg,
 
     out = tiny_trained.copy_stages(tmp_path / "run")
     cfg = shared_cfg(*TEACHER, "train.distill.targets=soft", "train.distill.iterations=1", out=out)
-    Pipeline(cfg, LocalTrainRunner(out / "train"), Tracker(), log=lambda m: None).run(("pseudo",))
+    Pipeline(cfg, LocalTrainRunner(out / "train"), Tracker(), log=lambda m: None).run(("refine", "pseudo"))
     pseudo_dir = out / "stages" / "pseudo"
     payload = {"stage": "distill", "config": cfg.model_dump(mode="json"), "init_checkpoint": str(tiny_trained.model),
                "pseudo_label_dir": str(pseudo_dir / LABELS), "soft_label_dir": str(pseudo_dir / SOFT)}
