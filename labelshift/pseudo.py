@@ -1,6 +1,7 @@
 """Pseudo labels, soft labels and predictions of a teacher over a split: the codec, the per-chunk computation and
-the writers. One code path: :func:`label_split` runs it in one process, and ``labelshift.runners.data`` runs the
-same three steps (decode, :func:`teacher_outputs`, :func:`write_outputs`) as Ray Data stages.
+the writers. One code path: :func:`label_split` runs it in one process, :func:`label_split_threaded` runs the
+same three steps (decode, :func:`teacher_outputs`, :func:`write_outputs`) on thread pools without Ray, and
+``labelshift.runners.data`` runs them as Ray Data stages.
 
 Outputs per image, keyed by its stem (the Cityscapes ``<city>_<seq>_<frame>``), under a pass's directory:
 
@@ -38,6 +39,7 @@ the class names, index = trainId). A student trains on the distribution renormal
 """
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import json
@@ -313,6 +315,41 @@ def label_split(model: torch.nn.Module, dataset, out_dir: str | Path, settings: 
                                                      amp_dtype), settings)
               for number in todo]
     return {**summarise(counts), "chunks_run": len(todo), "chunks_total": len(chunks)}
+
+
+def label_split_threaded(model: torch.nn.Module, dataset, out_dir: str | Path, settings: TeacherSettings, *,
+                         device: torch.device, batch_size: int, amp_dtype: torch.dtype | None = None,
+                         decode_threads: int = 4, write_threads: int = 2) -> dict:
+    """:func:`label_split` with the Ray Data pass's stages on thread pools instead of Ray: ``decode_threads``
+    decode chunks ahead of the model, the model runs in this thread (on ``device``), ``write_threads`` encode and
+    write; at most ``2 · threads`` chunks wait at each hand-over. Same chunks, batches and files, byte for byte;
+    returns the same counts."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunks = plan_chunks(len(dataset), batch_size)
+    remove_stale_temporaries(out_dir)
+    todo = missing_chunks(out_dir, dataset, chunks, settings)
+    counts, writes = [], collections.deque()
+    with ThreadPoolExecutor(decode_threads) as decoders, ThreadPoolExecutor(write_threads) as writers:
+        decoded = _ahead(decoders, lambda number: decode_chunk(dataset, chunks[number]), todo, 2 * decode_threads)
+        for chunk in decoded:
+            writes.append(writers.submit(write_outputs, out_dir,
+                                         teacher_outputs(model, chunk, settings, device, amp_dtype), settings))
+            while len(writes) > 2 * write_threads:
+                counts.append(writes.popleft().result())
+        counts += [write.result() for write in writes]
+    return {**summarise(counts), "chunks_run": len(todo), "chunks_total": len(chunks)}
+
+
+def _ahead(pool, function: Callable, items: list, depth: int):
+    """``function`` over ``items`` on ``pool``, results in order, at most ``depth`` submitted ahead."""
+    pending = collections.deque()
+    for item in items:
+        pending.append(pool.submit(function, item))
+        if len(pending) >= depth:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def write_label_manifest(out_dir: str | Path, cfg, checkpoint: str | Path, counts: dict, settings: TeacherSettings,

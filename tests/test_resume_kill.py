@@ -49,6 +49,7 @@ CHILD = textwrap.dedent("""
                   priors_used)
 """)
 CHUNKS = 16  # eval.batch_size=1 over the 16 target-train images
+KILL_AFTER = 3  # complete chunks before the kill
 OUTPUT_DIRS = ("labels", "confidence", "soft")
 
 
@@ -74,10 +75,11 @@ def _start(script: Path, request: list, log: Path) -> subprocess.Popen:
 
 
 def _kill_midway(child: subprocess.Popen, out: Path, names: list[str], log: Path, timeout: float = 90.0) -> None:
-    """SIGKILL ``child`` as soon as one chunk is complete and a later file waits, written, for its rename."""
+    """SIGKILL ``child`` as soon as :data:`KILL_AFTER` chunks are complete and a later file waits, written, for
+    its rename; fails when the pass ends (or the time runs out) first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and child.poll() is None:
-        if _complete_chunks(out, names) and _temporaries(out):
+        if len(_complete_chunks(out, names)) >= KILL_AFTER and _temporaries(out):
             child.send_signal(signal.SIGKILL)
             child.wait(10)
             return
@@ -111,7 +113,7 @@ def test_a_killed_labelling_pass_resumes_only_missing_chunks_byte_identical(shar
     request = [overrides, str(tiny_trained.estimate), str(tiny_trained.model), str(out), 0.1]
     _kill_midway(_start(script, request, tmp_path / "first.log"), out, names, tmp_path / "first.log")
     done = _complete_chunks(out, names)
-    assert 1 <= len(done) < CHUNKS and _temporaries(out)  # killed midway, a written file never renamed
+    assert KILL_AFTER <= len(done) < CHUNKS and _temporaries(out)  # killed midway, a written file never renamed
     assert not (out / LABEL_MANIFEST).exists()  # the manifest comes last
     kept = {path: path.stat().st_mtime_ns for name in done for path in out.rglob(f"{name}.*")}
 
