@@ -118,7 +118,7 @@ def test_estimate_prior_records_where_it_came_from(tiny_trained):
     assert prior.provenance["checkpoint_sha256"] == checkpoint_sha256(tiny_trained.model)
     assert (prior.provenance["dataset"], prior.provenance["split"]) == ("cityscapes", "train")
     assert prior.provenance["calibration"] == tiny_trained.calibration()
-    assert prior.provenance["calibration"]["method"] == "bcts"
+    assert prior.provenance["calibration"]["method"] == "bcts_anchored"  # the default (prior.calibration)
 
 
 def test_make_splits_writes_disjoint_seeded_lists(tmp_path):

@@ -332,6 +332,8 @@ def test_an_estimate_pass_asked_for_the_ensemble_runs_its_members_and_combines_t
     members = {m: results[m] for m in ("em", "reference", "soft_count")}
     np.testing.assert_array_equal(results["ensemble"].probs, ensemble_prior("ensemble", members, source).probs)
     assert results["ensemble"].provenance["member_provenance"]["em"]["split"] == "train"
+    assert results["ensemble"].provenance["split"] == "train"  # what every member records, the ensemble too
+    assert "confidence_interval" not in results["ensemble"].provenance
     with pytest.raises(ValueError, match="combines the results of"):
         estimator_class("ensemble")
     with pytest.raises(ValueError, match="needs the source priors"):

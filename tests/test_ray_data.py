@@ -111,11 +111,11 @@ def test_estimate_and_evaluate_passes_equal_the_in_process_passes(shared_cfg, ti
     assert ray_found.calibration.to_dict() == local.calibration.to_dict()
     for method in METHODS:
         ours, theirs = ray_found.estimates[method], local.estimates[method]
-        if method == "em":
+        if method in ("em", "ensemble"):  # EM's sample (and so the ensemble) within 1e-6, as issue 11 allows
             assert prior_l1(ours, theirs) < 1e-6
         else:
             np.testing.assert_array_equal(ours.probs, theirs.probs)
-        assert ours.provenance["confidence_interval"] == theirs.provenance["confidence_interval"]
+        assert ours.provenance.get("confidence_interval") == theirs.provenance.get("confidence_interval")
         assert ours.provenance["num_images"] == 16
     np.testing.assert_array_equal(ray_found.oracle.pixel_counts, local.oracle.pixel_counts)
 
@@ -142,20 +142,28 @@ def test_the_soft_label_job_with_ia_equals_the_in_process_pass_and_refuses_other
     from labelshift.models import checkpoint_sha256
     from labelshift.pseudo import LABEL_MANIFEST, LABEL_RECORD, pseudo_settings
     from labelshift.runners.data import InProcessPasses, estimate_stage_ia
+    from PIL import Image
 
     spec = importlib.util.spec_from_file_location("ray_jobs_soft_labels", PROJECT / "ray_jobs" / "soft_labels.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
-    overrides = [*tiny_overrides(tmp_path / "run", world=tiny_trained.world), "ray.data_actors=2",
-                 "eval.batch_size=4", "pseudo.confidence_threshold=0.266"]  # after IA the tiny teacher: 0.25-0.27
-    argv = ["--config", str(DEMO_CONFIG), "--checkpoint", str(tiny_trained.model), "--adjust", "ia",
-            "--priors", str(tiny_trained.estimate), "--split", "train", "--out", str(tmp_path / "job")]
-    assert job.main([*argv, *overrides]) == 0
-
+    overrides = [*tiny_overrides(tmp_path / "run", world=tiny_trained.world), "ray.data_actors=2", "eval.batch_size=4",
+                 "adjust.tau_target=0.2"]  # at full strength the tiny teacher after IA is 98 % sure everywhere
     cfg = load_config(DEMO_CONFIG, overrides)
     dataset = build_split(cfg, "target", train=False, with_labels=False)
     transform, priors_used = estimate_stage_ia(cfg, tiny_trained.estimate)
     in_process = InProcessPasses("cpu", None)
+    # a threshold halfway between the IA'd teacher's lowest and highest confidence: some pixels kept, some dropped
+    in_process.label(cfg, tiny_trained.model, dataset, tmp_path / "probe", pseudo_settings(cfg, transform))
+    confidences = np.concatenate([np.asarray(Image.open(path)).ravel()
+                                  for path in sorted((tmp_path / "probe" / "confidence").glob("*.png"))])
+    assert confidences.min() < confidences.max()
+    overrides.append(f"pseudo.confidence_threshold={(int(confidences.min()) + int(confidences.max())) / 2 / 255}")
+    cfg = load_config(DEMO_CONFIG, overrides)
+    argv = ["--config", str(DEMO_CONFIG), "--checkpoint", str(tiny_trained.model), "--adjust", "ia",
+            "--priors", str(tiny_trained.estimate), "--split", "train", "--out", str(tmp_path / "job")]
+    assert job.main([*argv, *overrides]) == 0
+
     expected = in_process.label(cfg, tiny_trained.model, dataset, tmp_path / "local", pseudo_settings(cfg, transform))
     in_process.label(cfg, tiny_trained.model, dataset, tmp_path / "raw", pseudo_settings(cfg))
     written = {name: data for name, data in _tree(tmp_path / "job").items() if name not in (LABEL_MANIFEST, LABEL_RECORD)}

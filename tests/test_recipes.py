@@ -102,7 +102,8 @@ def test_gta5_ours_recipe_runs_with_a_pixel_preset_as_the_source_prior(tiny_trai
     adapted = summary["stages"]["evaluate_adapted"]
     for method in ("reference", "presence"):  # image estimates: adjusted against the image source prior
         assert evaluation_key("target_val", f"ia_{estimate_name(method)}") in adapted
-    assert priors[TARGET].provenance["estimator"] == "em"
+    assert priors[TARGET].provenance["estimator"] == "ensemble"
+    assert priors[TARGET].provenance["members"] == ["em", "reference", "soft_count"]
 
 
 def test_synthia_reference_recipe_with_pseudo_labels_from_the_ia_corrected_adapted_model(synthia_tiny, tmp_path):

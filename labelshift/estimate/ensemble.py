@@ -18,6 +18,7 @@ import numpy as np
 from labelshift.priors import ClassPrior, SourcePriors, floor_probabilities
 
 ENSEMBLES: dict[str, tuple[str, ...]] = {"ensemble": ("em", "reference", "soft_count")}
+MEMBER_OWN = ("estimator", "confidence_interval", "notes")  # provenance of one member, not of the ensemble
 
 
 def member_methods(methods: Sequence[str]) -> tuple[str, ...]:
@@ -43,7 +44,9 @@ def ensemble_prior(name: str, results: Mapping[str, ClassPrior], source: SourceP
         shift += np.log(floor_probabilities(estimate.probs, warn=False)) - np.log(source.of_kind(estimate.kind).probs)
     log_probs = np.log(pixel.probs) + shift / len(members)
     probs = np.exp(log_probs - log_probs.max())
-    provenance = {"estimator": name, "members": list(members),
+    shared = {key: value for key, value in results[members[0]].provenance.items()  # checkpoint, data, images, ...
+              if key not in MEMBER_OWN and all(results[m].provenance.get(key) == value for m in members[1:])}
+    provenance = {**shared, "estimator": name, "members": list(members),
                   "member_provenance": {member: results[member].provenance for member in members},
                   "notes": "members' IA shifts (log estimate - log source prior of its kind) averaged, applied "
                            "to the source pixel prior"}
