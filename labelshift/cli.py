@@ -159,14 +159,14 @@ def cmd_estimate_prior(args: argparse.Namespace) -> int:
     from labelshift.config import load_config
     from labelshift.estimate.from_config import estimate_target_priors
 
-    overrides = [f"prior.method={args.method}", *([f"prior.seed={args.seed}"] if args.seed is not None else []),
-                 *args.overrides]
+    overrides = [*([f"prior.method={args.method}"] if args.method else []),
+                 *([f"prior.seed={args.seed}"] if args.seed is not None else []), *args.overrides]
     cfg = load_config(args.config, overrides)
+    method = cfg.prior.method
     device = torch.device(args.device)
     model = build_model(cfg, args.checkpoint).to(device).eval()
-    found = estimate_target_priors(cfg, model, args.checkpoint, device=device, methods=(args.method,),
-                                   with_oracle=False)
-    estimate = found.estimates[args.method]
+    found = estimate_target_priors(cfg, model, args.checkpoint, device=device, methods=(method,), with_oracle=False)
+    estimate = found.estimates[method]
     out = Path(args.out)
     beside = {suffix: out.with_name(f"{out.stem}_{suffix}{out.suffix}")
               for suffix in ("source", "source_calibrated", "calibration")}
@@ -278,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     est = sub.add_parser("estimate-prior", help="estimate the target prior with a model (one process)")
     _common(est)
-    est.add_argument("--method", default="em", choices=METHODS)
+    est.add_argument("--method", default=None, choices=METHODS,
+                     help="estimator (default: the config's prior.method; the shipped configs: ensemble)")
     est.add_argument("--seed", type=int, default=None,
                      help="seed of the pixel samples and the bootstrap (default: the config's prior.seed)")
     est.add_argument("--out", required=True, help="prior JSON (the source prior and calibration go beside it)")

@@ -107,6 +107,11 @@ def test_estimate_prior_gives_the_estimate_stages_prior(overrides, tiny_trained,
     assert json.loads((tmp_path / "p_calibration.json").read_text()) == tiny_trained.calibration()
     printed = capsys.readouterr().out
     assert f"--source-prior {tmp_path / 'p_source.json'} --target-prior {tmp_path / 'p.json'}" in printed
+    assert main(["estimate-prior", "--config", str(DEMO_CONFIG), "--checkpoint", str(tiny_trained.model),
+                 "--out", str(tmp_path / "e.json"), *overrides]) == 0  # no --method: the config's, the ensemble
+    ensemble = ClassPrior.from_json(tmp_path / "e.json")
+    np.testing.assert_allclose(ensemble.probs, stage["estimate_ensemble"].probs, rtol=1e-12)
+    assert ensemble.provenance["members"] == ["em", "reference", "soft_count"]
 
 
 def test_estimate_prior_records_where_it_came_from(tiny_trained):
