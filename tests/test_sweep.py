@@ -181,11 +181,24 @@ def test_search_spaces_map_onto_tune():
     assert isinstance(params["train.refine.tau"], Float) and (params["train.refine.tau"].lower,
                                                                params["train.refine.tau"].upper) == (0.25, 2.0)
     assert isinstance(params["prior.method"], Categorical) and params["prior.method"].categories == ["em", "em_raw"]
-    assert isinstance(_search_algorithm(space, seed=0), OptunaSearch)
+    assert isinstance(_search_algorithm(space, seed=0, max_concurrent=1), OptunaSearch)
     grid_space = SpaceConfig(parameters={"adjust.tau_target": {"values": [0.5, 1.0]}}, max_concurrent_trials=1)
     assert param_space(grid_space)["adjust.tau_target"] == {"grid_search": [0.5, 1.0]}
     # Tune ignores TuneConfig.max_concurrent_trials for a variant generator: the generator itself holds the limit
-    assert _search_algorithm(grid_space, seed=0).max_concurrent == 1
+    assert _search_algorithm(grid_space, seed=0, max_concurrent=1).max_concurrent == 1
+
+
+def test_concurrent_trials_are_sized_to_the_cluster_cpus_unless_set():
+    from labelshift.config.sweep import SpaceConfig
+    from labelshift.runners.tune import concurrent_trials
+
+    unset = SpaceConfig(parameters={"adjust.tau_target": {"values": [0.5, 1.0]}})
+    assert unset.max_concurrent_trials is None
+    assert concurrent_trials(unset, trial_cpus=1.0, cluster_cpus=16.0) == 16
+    assert concurrent_trials(unset, trial_cpus=3.0, cluster_cpus=16.0) == 5  # a CR trial: 1 + 2 workers x 1 CPU
+    assert concurrent_trials(unset, trial_cpus=4.0, cluster_cpus=2.0) == 1  # never below one
+    fixed = unset.model_copy(update={"max_concurrent_trials": 1})
+    assert concurrent_trials(fixed, trial_cpus=1.0, cluster_cpus=16.0) == 1
 
 
 # ------------------------------------------------------------------ trial inputs on the shared tiny trained run

@@ -70,15 +70,15 @@ class SpaceConfig(StrictModel):
 
     ``grid``: every combination of the parameters' ``values``, ``num_samples`` times. ``random`` and ``optuna``
     (the Optuna TPE sampler through Tune; needs ``pip install labelshift-seg[tune]``): ``num_samples`` trials.
-    ``max_concurrent_trials``: keep it at 1 on a 2-CPU machine (concurrent trials with ASHA and MLflow were
-    seen to hang there). CR trials evaluate the selection split every ``report_every`` steps; ASHA stops the
+    ``max_concurrent_trials``: unset (null), as many trials as the Ray cluster's CPUs hold (its CPUs divided by
+    a trial's); keep it at 1 on a 2-CPU machine (concurrent trials with ASHA and MLflow were seen to hang there). CR trials evaluate the selection split every ``report_every`` steps; ASHA stops the
     weak ones after ``grace_period`` reports, keeping 1/``reduction_factor`` at each rung.
     """
 
     parameters: dict[str, ParameterSpec] = Field(min_length=1)
     search: Literal["grid", "random", "optuna"] = "grid"
     num_samples: int = Field(1, ge=1)
-    max_concurrent_trials: int = Field(1, ge=1)
+    max_concurrent_trials: int | None = Field(None, ge=1)
     cpus_per_trial: float = Field(1.0, gt=0)
     report_every: int = Field(50, ge=1)
     grace_period: int = Field(1, ge=1)

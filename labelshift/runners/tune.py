@@ -53,7 +53,14 @@ def param_space(space: SpaceConfig) -> dict[str, Any]:
     return params
 
 
-def _search_algorithm(space: SpaceConfig, seed: int):
+def concurrent_trials(space: SpaceConfig, trial_cpus: float, cluster_cpus: float) -> int:
+    """``space.max_concurrent_trials``, or (unset) as many trials of ``trial_cpus`` as ``cluster_cpus`` hold, ≥ 1."""
+    if space.max_concurrent_trials is not None:
+        return space.max_concurrent_trials
+    return max(1, int(cluster_cpus // trial_cpus))
+
+
+def _search_algorithm(space: SpaceConfig, seed: int, max_concurrent: int):
     """Optuna (a ``Searcher``: Tune wraps it in a ``ConcurrencyLimiter`` of ``max_concurrent_trials``), or grid /
     random variants, whose generator takes the limit itself (Tune ignores ``max_concurrent_trials`` for one)."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -65,16 +72,18 @@ def _search_algorithm(space: SpaceConfig, seed: int):
         except ImportError:
             raise RuntimeError("search: optuna needs Optuna: pip install 'labelshift-seg[tune]'") from None
         return OptunaSearch(metric=SELECT_METRIC, mode="max", seed=seed)
-    return BasicVariantGenerator(random_state=seed, max_concurrent=space.max_concurrent_trials)
+    return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
 
 
-def _run_tuner(trainable, space: SpaceConfig, *, storage_path: str, name: str, seed: int,
+def _run_tuner(trainable, space: SpaceConfig, *, trial_cpus: float, storage_path: str, name: str, seed: int,
                tracking: TrackingLink | None, space_name: str, scheduler=None, reuse_actors: bool = False
                ) -> list[dict]:
+    import ray
     from ray import tune
 
-    search = _search_algorithm(space, seed)
-    limit = space.max_concurrent_trials if isinstance(search, tune.search.Searcher) else None
+    max_concurrent = concurrent_trials(space, trial_cpus, ray.cluster_resources().get("CPU", 1.0))
+    search = _search_algorithm(space, seed, max_concurrent)
+    limit = max_concurrent if isinstance(search, tune.search.Searcher) else None
     tuner = tune.Tuner(
         trainable, param_space=param_space(space),
         tune_config=tune.TuneConfig(metric=SELECT_METRIC, mode="max", num_samples=space.num_samples,
@@ -108,8 +117,8 @@ def run_ia_trials(inputs, space: SpaceConfig, *, storage_path: str, name: str, s
     from ray import tune
 
     trainable = tune.with_resources(tune.with_parameters(_ia_trial, inputs=inputs), {"cpu": space.cpus_per_trial})
-    return _run_tuner(trainable, space, storage_path=storage_path, name=name, seed=seed, tracking=tracking,
-                      space_name="ia", reuse_actors=True)
+    return _run_tuner(trainable, space, trial_cpus=space.cpus_per_trial, storage_path=storage_path, name=name,
+                      seed=seed, tracking=tracking, space_name="ia", reuse_actors=True)
 
 
 def _cr_worker(payload: dict) -> None:
@@ -148,8 +157,9 @@ def run_cr_trials(make_payload: Callable[[dict], dict], space: SpaceConfig, ray_
                              storage_path=f"{storage_path}/{name}-train"), {"cpu": CR_TRIAL_CPUS})
     scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=space.grace_period,
                               reduction_factor=space.reduction_factor)
-    return _run_tuner(trainable, space, storage_path=storage_path, name=name, seed=seed, tracking=tracking,
-                      space_name="cr", scheduler=scheduler)
+    trial_cpus = CR_TRIAL_CPUS + ray_cfg.num_workers * ray_cfg.cpus_per_worker  # the trial and its Train workers
+    return _run_tuner(trainable, space, trial_cpus=trial_cpus, storage_path=storage_path, name=name, seed=seed,
+                      tracking=tracking, space_name="cr", scheduler=scheduler)
 
 
 def sweep_storage(cfg: ExperimentConfig) -> str:
