@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 
 import pytest
 import yaml
@@ -117,3 +118,19 @@ def test_cr_sweep_trains_on_ray_train_and_reports_the_selection_miou(local_ray, 
     assert sorted(float(r.data.params["train.refine.tau"]) for r in trial_runs) == [0.5, 1.0]
     best = yaml.safe_load((sweep_dir / "best_overrides.yaml").read_text())
     assert set(best) == {"train.refine.tau"}
+
+
+def test_an_optuna_ia_sweep_runs_its_trials_through_tune(local_ray, sweep_run, tmp_path):
+    pytest.importorskip("optuna")
+    out, overrides = sweep_run
+    optuna_out = tmp_path / "optuna"
+    shutil.copytree(out / "stages", optuna_out / "stages")  # the same pretrain and estimate stages: not re-run
+    space = ("sweep.ia.parameters={adjust.temperature: {low: 0.5, high: 2.0}, prior.method: {values: [em, count]}}")
+    assert _sweep_main()(["--config", str(SWEEP_CONFIG), *overrides, f"output_dir={optuna_out}",
+                          f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", space, "sweep.ia.search=optuna",
+                          "sweep.ia.num_samples=3", "sweep.selection.guard_level=0"]) == 0
+    trials = json.loads((optuna_out / "sweeps" / "ia" / "trials.json").read_text())
+    assert len(trials) == 3
+    assert all(0.5 <= t["setting"]["adjust.temperature"] <= 2.0 and t["setting"]["prior.method"] in ("em", "count")
+               for t in trials)
+    assert len({t["setting"]["adjust.temperature"] for t in trials}) == 3  # TPE's draws, not a grid
