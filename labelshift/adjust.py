@@ -184,7 +184,7 @@ class LocalIA:
             raise ValueError(f"adjust.mode local needs a pixel target prior, got {target_prior.describe()}")
         self.settings = LocalSettings.of(adjust.local)
         self.global_ia, self.target_prior, self.calibration = global_ia, target_prior, calibration
-        if self.settings.posteriors == "calibrated" and self.settings.estimator == "map_em":
+        if self.settings.reads_calibrated:
             if calibration is None:
                 raise ValueError("adjust.mode local on calibrated posteriors needs the calibration "
                                  "(or adjust.local.posteriors: raw)")

@@ -97,9 +97,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if not (args.source_prior and args.target_prior):
             raise UsageError(f"--adjust {args.adjust} needs --source-prior and --target-prior (preset names or JSON "
                              "files)")
-        local = cfg.adjust.local
-        if args.adjust == "local" and local.estimator == "map_em" and local.posteriors == "calibrated" \
-                and not args.calibration:
+        from labelshift.estimate.per_image import LocalSettings
+
+        if args.adjust == "local" and LocalSettings.of(cfg.adjust.local).reads_calibrated and not args.calibration:
             raise UsageError("--adjust local with map_em reads calibrated posteriors: it needs "
                              "--calibration (and --calibrated-source-prior, the *_source_calibrated.json), or "
                              "adjust.local.posteriors=raw")

@@ -1,6 +1,6 @@
 """Pseudo labels, soft labels and predictions of a teacher over a split: the codec, the per-chunk computation and
-the writers. One code path: :func:`label_split` runs it in one process, :func:`label_split_threaded` runs the
-same three steps (decode, :func:`teacher_outputs`, :func:`write_outputs`) on thread pools without Ray, and
+the writers. One code path: :func:`label_split` runs its three steps (decode, :func:`teacher_outputs`,
+:func:`write_outputs`) in one process (sequentially, or with decode and write on thread pools), and
 ``labelshift.runners.data`` runs them as Ray Data stages.
 
 Outputs per image, keyed by its stem (the Cityscapes ``<city>_<seq>_<frame>``), under a pass's directory:
@@ -304,41 +304,44 @@ def summarise(counts: list[dict]) -> dict:
 
 
 def label_split(model: torch.nn.Module, dataset, out_dir: str | Path, settings: TeacherSettings, *,
-                device: torch.device, batch_size: int, amp_dtype: torch.dtype | None = None) -> dict:
+                device: torch.device, batch_size: int, amp_dtype: torch.dtype | None = None,
+                threads: tuple[int, int] | None = None) -> dict:
     """The in-process labelling pass: every chunk of ``dataset`` that lacks an output is decoded, labelled and
     written under ``out_dir``; returns the counts of the chunks it ran (:func:`summarise`), ``chunks_run`` and
-    ``chunks_total``."""
+    ``chunks_total``. ``threads`` (decode, write): the Ray Data pass's stages on thread pools instead of Ray
+    (decoding ahead of the model, which runs in this thread, writing behind it); the same files, byte for byte."""
     chunks = plan_chunks(len(dataset), batch_size)
     remove_stale_temporaries(out_dir)
     todo = missing_chunks(out_dir, dataset, chunks, settings)
-    counts = [write_outputs(out_dir, teacher_outputs(model, decode_chunk(dataset, chunks[number]), settings, device,
-                                                     amp_dtype), settings)
-              for number in todo]
+    def decode(number: int) -> dict:
+        return decode_chunk(dataset, chunks[number])
+
+    def label(chunk: dict) -> dict:
+        return teacher_outputs(model, chunk, settings, device, amp_dtype)
+
+    def write(outputs: dict) -> dict:
+        return write_outputs(out_dir, outputs, settings)
+
+    counts = ([write(label(decode(number))) for number in todo] if threads is None
+              else _pooled(decode, label, write, todo, *threads))
     return {**summarise(counts), "chunks_run": len(todo), "chunks_total": len(chunks)}
 
 
-def label_split_threaded(model: torch.nn.Module, dataset, out_dir: str | Path, settings: TeacherSettings, *,
-                         device: torch.device, batch_size: int, amp_dtype: torch.dtype | None = None,
-                         decode_threads: int = 4, write_threads: int = 2) -> dict:
-    """:func:`label_split` with the Ray Data pass's stages on thread pools instead of Ray: ``decode_threads``
-    decode chunks ahead of the model, the model runs in this thread (on ``device``), ``write_threads`` encode and
-    write; at most ``2 · threads`` chunks wait at each hand-over. Same chunks, batches and files, byte for byte;
-    returns the same counts."""
+def _pooled(decode: Callable, label: Callable, write: Callable, todo: list, decode_threads: int,
+            write_threads: int) -> list:
+    """``write(label(decode(n)))`` for every ``n`` of ``todo``, in order: ``decode`` on a pool of
+    ``decode_threads``, ``label`` here, ``write`` on a pool of ``write_threads``; at most twice a pool's threads
+    wait at each hand-over."""
     from concurrent.futures import ThreadPoolExecutor
 
-    chunks = plan_chunks(len(dataset), batch_size)
-    remove_stale_temporaries(out_dir)
-    todo = missing_chunks(out_dir, dataset, chunks, settings)
     counts, writes = [], collections.deque()
     with ThreadPoolExecutor(decode_threads) as decoders, ThreadPoolExecutor(write_threads) as writers:
-        decoded = _ahead(decoders, lambda number: decode_chunk(dataset, chunks[number]), todo, 2 * decode_threads)
-        for chunk in decoded:
-            writes.append(writers.submit(write_outputs, out_dir,
-                                         teacher_outputs(model, chunk, settings, device, amp_dtype), settings))
+        for chunk in _ahead(decoders, decode, todo, 2 * decode_threads):
+            writes.append(writers.submit(write, label(chunk)))
             while len(writes) > 2 * write_threads:
                 counts.append(writes.popleft().result())
         counts += [write.result() for write in writes]
-    return {**summarise(counts), "chunks_run": len(todo), "chunks_total": len(chunks)}
+    return counts
 
 
 def _ahead(pool, function: Callable, items: list, depth: int):
@@ -353,17 +356,18 @@ def _ahead(pool, function: Callable, items: list, depth: int):
 
 
 def write_label_manifest(out_dir: str | Path, cfg, checkpoint: str | Path, counts: dict, settings: TeacherSettings,
-                         priors: dict | None = None) -> Path:
+                         priors: dict | None = None, checkpoint_hash: str | None = None) -> Path:
     """``<out_dir>/pseudo.json``: the configuration, the teacher checkpoint and its sha256, the priors of its IA
     (None: raw logits), the settings, the soft-label schema version and the pass's counts and failures. With
     per-image IA (``adjust.mode: local``) each image's prior is in ``priors/<stem>.json`` (over the class set's
-    classes, in order) and the counts hold ``prior_fallbacks`` and ``prior_floored_images``."""
+    classes, in order) and the counts hold ``prior_fallbacks`` and ``prior_floored_images``. ``checkpoint_hash``:
+    the checkpoint's sha256 when the caller has it (else computed)."""
     from labelshift.config import dump_config
     from labelshift.models import checkpoint_sha256
 
     return write_json_atomic(Path(out_dir) / LABEL_MANIFEST, {
         "soft_label_schema_version": SOFT_LABEL_VERSION if settings.soft_dir else None,
-        "checkpoint": str(checkpoint), "checkpoint_sha256": checkpoint_sha256(checkpoint), "priors": priors,
+        "checkpoint": str(checkpoint), "checkpoint_sha256": checkpoint_hash or checkpoint_sha256(checkpoint), "priors": priors,
         "settings": _settings_record(settings), "counts": counts, "config": dump_config(cfg)})
 
 
@@ -448,8 +452,9 @@ def claim_output_dir(out_dir: str | Path, record: dict, *, overwrite: bool = Fal
         raise OutputConflict(f"{out_dir} holds the outputs of another labelling pass; resuming would mix them. "
                              f"Recorded -> now: {'; '.join(record_differences(recorded, record))}. Re-run with "
                              f"--overwrite to delete them and start over, or choose another output directory")
-    for path in existing:
-        path.unlink()
+    for path in existing:  # the manifest, the record and root PNGs; the directories go whole
+        if path.parent == out_dir:
+            path.unlink()
     for directory in directories:
         if directory != "." and (out_dir / directory).is_dir():
             shutil.rmtree(out_dir / directory)

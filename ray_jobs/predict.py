@@ -31,14 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg, dataset, settings, priors_used = prediction_inputs(args)
-    except ConfigError as err:
-        print(f"{Path(__file__).name}: error: {err}", file=sys.stderr)
-        return 2
-    try:
         with ray_session(cfg.ray.address):
             run_labelling(RayDataPasses(), cfg, args.checkpoint, dataset, Path(args.out).resolve(), settings,
                           priors_used, overwrite=args.overwrite)
-    except OutputConflict as err:
+    except (ConfigError, OutputConflict) as err:
         print(f"{Path(__file__).name}: error: {err}", file=sys.stderr)
         return 2
     return 0

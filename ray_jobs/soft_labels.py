@@ -49,19 +49,15 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = args.checkpoint or cfg.model.checkpoint
         if not checkpoint:
             raise ConfigError("no teacher: pass --checkpoint or set model.checkpoint")
-    except ConfigError as err:
-        print(f"{Path(__file__).name}: error: {err}", file=sys.stderr)
-        return 2
-    transform, priors_used = None, None
-    if args.adjust == "ia":
-        transform, priors_used = estimate_stage_ia(cfg, args.priors or Path(cfg.output_dir) / "stages" / "estimate")
-    out = Path(args.out or Path(cfg.output_dir) / "soft_labels" / args.split).resolve()
-    try:
+        transform, priors_used = None, None
+        if args.adjust == "ia":
+            transform, priors_used = estimate_stage_ia(cfg, args.priors or Path(cfg.output_dir) / "stages" / "estimate")
+        out = Path(args.out or Path(cfg.output_dir) / "soft_labels" / args.split).resolve()
         with ray_session(cfg.ray.address):
             dataset = build_split(cfg, "target", train=False, with_labels=False)
             run_labelling(RayDataPasses(), cfg, checkpoint, dataset, out, pseudo_settings(cfg, transform),
                           priors_used, overwrite=args.overwrite)
-    except OutputConflict as err:
+    except (ConfigError, OutputConflict) as err:
         print(f"{Path(__file__).name}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -138,20 +138,19 @@ def test_threaded_labelling_pass_writes_the_files_of_the_in_process_pass(shared_
     """The no-Ray pool variant (decode and write thread pools around the same teacher): the same bytes as
     ``label_split`` (hence as the Ray Data pass, tests/test_ray_data.py), and it resumes the same way."""
     from labelshift.build import build_model, build_split
-    from labelshift.pseudo import label_split, label_split_threaded, pseudo_settings
+    from labelshift.pseudo import label_split, pseudo_settings
 
     cfg = shared_cfg("pseudo.confidence_threshold=0.07")
     dataset = build_split(cfg, "target", train=False, with_labels=False)
     model, settings = build_model(cfg, tiny_trained.model).eval(), pseudo_settings(cfg)
     cpu = torch.device("cpu")
     plain = label_split(model, dataset, tmp_path / "plain", settings, device=cpu, batch_size=2)
-    threaded = label_split_threaded(model, dataset, tmp_path / "pool", settings, device=cpu, batch_size=2,
-                                    decode_threads=3, write_threads=1)
+    threaded = label_split(model, dataset, tmp_path / "pool", settings, device=cpu, batch_size=2, threads=(3, 1))
     assert len(_files_of(tmp_path / "pool")) == 48 and _files_of(tmp_path / "pool") == _files_of(tmp_path / "plain")
     assert threaded == plain and threaded["chunks_run"] == 8 and threaded["images"] == 16
 
     (tmp_path / "pool" / "soft" / f"{dataset.names[7]}.parquet").unlink()
-    resumed = label_split_threaded(model, dataset, tmp_path / "pool", settings, device=cpu, batch_size=2)
+    resumed = label_split(model, dataset, tmp_path / "pool", settings, device=cpu, batch_size=2, threads=(4, 2))
     assert resumed["chunks_run"] == 1 and resumed["images"] == 2
     assert _files_of(tmp_path / "pool") == _files_of(tmp_path / "plain")
 

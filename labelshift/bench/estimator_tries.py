@@ -49,6 +49,7 @@ from labelshift.bench.per_image import (
 from labelshift.calibrate import Calibration, fit_calibration
 from labelshift.classes import IGNORE_INDEX
 from labelshift.config import AdjustConfig
+from labelshift.estimate import ensemble
 from labelshift.estimate.em import em_label_shift
 from labelshift.priors import ClassPrior, floor_probabilities, prior_l1
 
@@ -115,12 +116,7 @@ def large_calibration_prior(run: SeedRun, extra: dict[str, SplitLogits], target_
 
 def shifted_prior(run: SeedRun, methods: Sequence[str], weights: Sequence[float]) -> ClassPrior:
     """The pixel prior whose raw-IA shift is Σ_e w_e·(log π̂_e − log π_s^(kind e)) (weights sum to 1)."""
-    source = run.source
-    shift = sum(weight * (np.log(floor_probabilities(run.estimate(m).probs, warn=False))
-                          - np.log(source.of_kind(run.estimate(m).kind).probs))
-                for m, weight in zip(methods, weights))
-    probs = source.pixel.probs * np.exp(shift)
-    return ClassPrior(source.pixel.classes, probs / probs.sum(), "pixel")
+    return ensemble.shifted_prior([run.estimate(method) for method in methods], weights, run.source)
 
 
 def ia_miou(run: SeedRun, prior: ClassPrior, split: str = "target_val") -> float:

@@ -260,18 +260,18 @@ def local_scores(run: SeedRun, centre_method: str, split: str) -> list[dict[str,
     return scores
 
 
-def local_result(run: SeedRun, centre_method: str = "em") -> dict[str, Any]:
+def local_result(run: SeedRun, image_oracle: float, centre_method: str = "em") -> dict[str, Any]:
     """Global IA with the dataset estimate vs the local setting chosen on the selection split, on target val;
-    the share of the per-image oracle headroom (per-image oracle − global IA) the choice recovers."""
+    the share of the per-image oracle headroom (``image_oracle``, the per-image oracle's target-val mIoU, − global
+    IA) the choice recovers."""
     centre = run.estimate(centre_method)
     global_ia = ia_transform(AdjustConfig(), run.source, centre, run.calibration)
     select = local_scores(run, centre_method, "target_select")
     chosen = max(select, key=lambda score: score["miou"])
-    setting = {key: chosen[key] for key in ("estimator", "kappa", "count_steps") if key in chosen}
+    setting = score_key(chosen)
     val = {json.dumps(score_key(s)): s for s in local_scores(run, centre_method, "target_val")}
-    chosen_val = val[json.dumps(score_key(chosen))]
+    chosen_val = val[json.dumps(setting)]
     global_val = miou_with_rows(run.caches["target_val"], lambda index, logits: global_ia(logits))
-    image_oracle = ceilings_cache(run)["image_oracle_shrunk_0"]
     return {"centre": centre_method, "chosen": setting, "chosen_select_miou": chosen["miou"],
             "global_select_miou": miou_with_rows(run.caches["target_select"], lambda i, z: global_ia(z)),
             "global_val_miou": global_val, "local_val_miou": chosen_val["miou"],
@@ -283,17 +283,8 @@ def local_result(run: SeedRun, centre_method: str = "em") -> dict[str, Any]:
 
 
 def score_key(score: dict[str, Any]) -> dict[str, Any]:
+    """The setting a local score was measured with."""
     return {key: score[key] for key in ("estimator", "kappa", "count_steps") if key in score}
-
-
-_CEILINGS: dict[int, dict[str, float]] = {}
-
-
-def ceilings_cache(run: SeedRun) -> dict[str, float]:
-    """:func:`ceilings` of target val, computed once per seed."""
-    if run.seed not in _CEILINGS:
-        _CEILINGS[run.seed] = ceilings(run)
-    return _CEILINGS[run.seed]
 
 
 # ------------------------------------------------------------------------------------------------------ digits
@@ -400,10 +391,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = {seed: prepare_seed(args.config, out, seed, Path(args.seed0_stages).resolve(), log)
             for seed in dict.fromkeys((*args.world_seeds, *args.local_seeds))}
     rows = {seed: estimator_rows(runs[seed]) for seed in args.world_seeds}
+    limits = {seed: ceilings(runs[seed]) for seed in args.local_seeds}
     result: dict[str, Any] = {"world_seeds": list(args.world_seeds), "estimators": rows,
-                              "across_worlds": across_worlds(rows),
-                              "ceilings": {seed: ceilings_cache(runs[seed]) for seed in args.local_seeds},
-                              "local": {seed: local_result(runs[seed]) for seed in args.local_seeds}}
+                              "across_worlds": across_worlds(rows), "ceilings": limits,
+                              "local": {seed: local_result(runs[seed], limits[seed]["image_oracle_shrunk_0"])
+                                        for seed in args.local_seeds}}
     gains = [local["gain"] for local in result["local"].values()]
     result["local_summary"] = {"gain_mean": float(np.mean(gains)), "gain_min": float(np.min(gains)),
                                "headroom_share_mean": float(np.mean([l["headroom_share"]

@@ -4,7 +4,7 @@
   and confidences at the image resolution, top-k soft labels at the model's output grid (the ``pseudo:``
   defaults). Steady state = images written per second between the 10th-percentile and the last output file's
   modification time (the actor's start-up and the first chunks excluded); start-up is reported separately.
-* **pipeline without Ray** (``--no-ray``): the same stages on thread pools (``pseudo.label_split_threaded``:
+* **pipeline without Ray** (``--no-ray``): the same stages on thread pools (``pseudo.label_split`` with ``threads``:
   ``--decode-threads`` decoding ahead, the same teacher function in the main thread on ``--device``,
   ``--write-threads`` encoding and writing); the same files byte for byte; steady state measured the same way.
 * **reference**: the reference code's loop: a DataLoader (PIL decode + resize, ``num_workers=1``), batch 1, fp32,
@@ -123,31 +123,19 @@ def reference_loop(model, paths: list[Path], cfg, out: Path, device: torch.devic
     return (len(paths) - warmup) / (ended - steady_from), len(paths) / (ended - began)
 
 
-def _threaded_pass(cfg, checkpoint: Path, dataset, out: Path, settings, device: torch.device,
-                   threads: tuple[int, int]) -> dict:
-    """The labelling pass without Ray: the model built here on ``device``, (decode, write) ``threads``."""
-    from labelshift.build import amp_dtype_of, build_model
-    from labelshift.pseudo import label_split_threaded
-
-    model = build_model(cfg, checkpoint).to(device).eval()
-    return label_split_threaded(model, dataset, out, settings, device=device, batch_size=cfg.eval.batch_size,
-                                amp_dtype=amp_dtype_of(cfg, device), decode_threads=threads[0],
-                                write_threads=threads[1])
-
-
 def pipeline_run(cfg, checkpoint: Path, dataset, out: Path, device: torch.device,
                  threads: tuple[int, int] | None) -> dict:
     """The Ray Data pass (``threads`` None) or the thread-pool pass (``threads``: decode, write): its counts,
     steady img/s (from output mtimes), end-to-end img/s, start-up seconds (model building included)."""
     from labelshift.pseudo import pseudo_settings
-    from labelshift.runners.data import label_pass
+    from labelshift.runners.data import InProcessPasses, label_pass
 
     settings = pseudo_settings(cfg)
     began = time.time()
     if threads is None:
         counts = label_pass(cfg, checkpoint, dataset, out, settings)
     else:
-        counts = _threaded_pass(cfg, checkpoint, dataset, out, settings, device, threads)
+        counts = InProcessPasses(device, None, threads).label(cfg, checkpoint, dataset, out, settings)
     ended = time.time()
     times = np.sort([p.stat().st_mtime for p in (out / "labels").glob("*.png")])
     skip = max(1, len(times) // 10)

@@ -12,7 +12,7 @@ from labelshift.estimate.base import EstimatorInputs, PriorEstimator
 from labelshift.estimate.bbse import BBSEEstimator, bbse_solve
 from labelshift.estimate.em import EMEstimator, em_label_shift
 from labelshift.estimate.passes import (calibrated_source_prior, estimator_results, feed_source_sample,
-                                        fit_source_calibration, label_statistics, label_statistics_of,
+                                        label_statistics, label_statistics_of,
                                         make_estimators, merge_estimators, needs_source_validation, prior_errors,
                                         update_estimators)
 from labelshift.estimate.ensemble import ENSEMBLES, ensemble_prior
@@ -24,7 +24,7 @@ __all__ = [
     "BBSEEstimator", "CountEstimator", "EMEstimator", "ENSEMBLES", "ESTIMATORS", "EstimatorInputs", "IMAGE_METHODS", "METHODS",
     "PIXEL_METHODS", "PresenceEstimator", "PriorEstimator", "ReferenceEstimator", "SoftCountEstimator",
     "bbse_solve", "calibrated_source_prior", "em_label_shift", "ensemble_prior", "estimate_prior", "estimator_class",
-    "estimator_results", "feed_source_sample", "fit_source_calibration", "label_statistics", "label_statistics_of",
+    "estimator_results", "feed_source_sample", "label_statistics", "label_statistics_of",
     "make_estimator", "make_estimators", "method_kind", "merge_estimators", "needs_source_validation", "prior_errors",
     "update_estimators",
 ]

@@ -34,20 +34,24 @@ def ensembles_of(methods: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(method for method in methods if method in ENSEMBLES))
 
 
+def shifted_prior(estimates: Sequence[ClassPrior], weights: Sequence[float], source: SourcePriors) -> ClassPrior:
+    """The pixel prior whose IA shift is Σ_e w_e·(log π̂_e − log π_s^(kind of e)) (``weights`` summing to 1)."""
+    shift = sum(weight * (np.log(floor_probabilities(estimate.probs, warn=False))
+                          - np.log(source.of_kind(estimate.kind).probs))
+                for estimate, weight in zip(estimates, weights, strict=True))
+    log_probs = np.log(source.pixel.probs) + shift
+    probs = np.exp(log_probs - log_probs.max())
+    return ClassPrior(source.pixel.classes, probs / probs.sum(), "pixel")
+
+
 def ensemble_prior(name: str, results: Mapping[str, ClassPrior], source: SourcePriors) -> ClassPrior:
     """The pixel prior of ensemble ``name`` from its members' ``results`` and the ``source`` priors."""
     members = ENSEMBLES[name]
-    pixel = source.pixel
-    shift = np.zeros(pixel.num_classes)
-    for member in members:
-        estimate = results[member]
-        shift += np.log(floor_probabilities(estimate.probs, warn=False)) - np.log(source.of_kind(estimate.kind).probs)
-    log_probs = np.log(pixel.probs) + shift / len(members)
-    probs = np.exp(log_probs - log_probs.max())
     shared = {key: value for key, value in results[members[0]].provenance.items()  # checkpoint, data, images, ...
               if key not in MEMBER_OWN and all(results[m].provenance.get(key) == value for m in members[1:])}
     provenance = {**shared, "estimator": name, "members": list(members),
                   "member_provenance": {member: results[member].provenance for member in members},
                   "notes": "members' IA shifts (log estimate - log source prior of its kind) averaged, applied "
                            "to the source pixel prior"}
-    return ClassPrior(pixel.classes, probs / probs.sum(), "pixel", None, provenance)
+    combined = shifted_prior([results[member] for member in members], [1 / len(members)] * len(members), source)
+    return ClassPrior(combined.classes, combined.probs, "pixel", None, provenance)

@@ -15,13 +15,11 @@ from __future__ import annotations
 from typing import Iterable, Mapping, Sequence
 
 import torch
-from torch import nn
 
-from labelshift.calibrate import Calibration, fit_calibration
+from labelshift.calibrate import Calibration
 from labelshift.estimate.base import EstimatorInputs, PriorEstimator
 from labelshift.estimate.ensemble import ensemble_prior, member_methods
 from labelshift.estimate.registry import estimator_class, make_estimator
-from labelshift.inference import sample_pixels
 from labelshift.priors import ClassPrior, LabelStatistics, SourcePriors, prior_kl, prior_l1
 
 
@@ -39,16 +37,6 @@ def label_statistics_of(dataset, class_names: tuple[str, ...], num_workers: int 
 
     loader = torch.utils.data.DataLoader(LabelMaps(dataset), batch_size=1, num_workers=num_workers)
     return label_statistics(loader, class_names)
-
-
-def fit_source_calibration(model: nn.Module, loader: Iterable[dict], method: str, *, device: torch.device,
-                           pixels_per_image: int = 2000, seed: int = 0, amp_dtype: torch.dtype | None = None,
-                           training_prior: ClassPrior | None = None) -> tuple[Calibration, tuple[torch.Tensor, torch.Tensor]]:
-    """Calibration fitted on a seeded pixel sample of a labelled source split; returns it and the sample
-    (logits (N, K), labels (N,)). ``training_prior``: the source training pixel prior (``bcts_anchored``)."""
-    logits, labels = sample_pixels(model, loader, device=device, pixels_per_image=pixels_per_image, seed=seed,
-                                   amp_dtype=amp_dtype)
-    return fit_calibration(logits, labels, method=method, training_prior=training_prior), (logits, labels)
 
 
 def calibrated_source_prior(calibration: Calibration, sample_labels: torch.Tensor,

@@ -30,23 +30,30 @@ import torch
 
 @dataclass(frozen=True)
 class LocalSettings:
-    """The settings of one per-image estimate (the fields of ``labelshift.config.sections.LocalAdjustConfig``)."""
+    """The settings of one per-image estimate (the fields of ``labelshift.config.sections.LocalAdjustConfig``,
+    whose defaults they take through :meth:`of`)."""
 
-    estimator: str = "map_count"
-    kappa: float = 1000.0
-    effective_pixels: float = 1000.0
-    sample_pixels: int = 4096
-    posteriors: str = "calibrated"
-    floor: float = 0.01
-    max_iter: int = 200
-    tol: float = 1e-6
-    count_steps: int = 3
+    estimator: str
+    kappa: float
+    effective_pixels: float
+    sample_pixels: int
+    posteriors: str
+    floor: float
+    max_iter: int
+    tol: float
+    count_steps: int
 
     @classmethod
     def of(cls, local: Any) -> LocalSettings:
         """From a ``LocalAdjustConfig`` (or anything with these attributes)."""
         return local if isinstance(local, cls) else cls(**{name: getattr(local, name)
                                                             for name in cls.__dataclass_fields__})
+
+    @property
+    def reads_calibrated(self) -> bool:
+        """Whether the estimate reads calibrated posteriors (``map_em`` on ``posteriors: calibrated``): it then
+        needs the calibration."""
+        return self.estimator == "map_em" and self.posteriors == "calibrated"
 
     @property
     def shrinkage(self) -> float:
@@ -203,7 +210,7 @@ def estimate_image_priors(logits: torch.Tensor, settings: LocalSettings, *, data
     iterations = torch.zeros(num_images, dtype=torch.int64, device=device)
     converged = torch.ones(num_images, dtype=torch.bool, device=device)
     if settings.estimator == "map_em":
-        if settings.posteriors == "calibrated":
+        if settings.reads_calibrated:
             if calibrate is None:
                 raise ValueError("per-image priors on calibrated posteriors need the calibration")
             grid = calibrate(grid)

@@ -229,8 +229,9 @@ class InProcessPasses:
     """The passes as library functions in this process, on ``device``; ``loader(which, with_labels=,
     max_images=, size=)`` builds a split's batches (the job's draws a progress bar)."""
 
-    def __init__(self, device: torch.device, loader: Callable[..., Any]) -> None:
-        self.device, self.loader = torch.device(device), loader
+    def __init__(self, device: torch.device, loader: Callable[..., Any],
+                 threads: tuple[int, int] | None = None) -> None:
+        self.device, self.loader, self.threads = torch.device(device), loader, threads  # threads: label_split's
 
     def _model(self, cfg: ExperimentConfig, checkpoint: str | Path) -> torch.nn.Module:
         return build_model(cfg, checkpoint).to(self.device).eval()
@@ -253,7 +254,8 @@ class InProcessPasses:
     def label(self, cfg: ExperimentConfig, checkpoint: str | Path, dataset, out_dir: str | Path,
               settings: TeacherSettings) -> dict:
         return label_split(self._model(cfg, checkpoint), dataset, out_dir, settings, device=self.device,
-                           batch_size=cfg.eval.batch_size, amp_dtype=amp_dtype_of(cfg, self.device))
+                           batch_size=cfg.eval.batch_size, amp_dtype=amp_dtype_of(cfg, self.device),
+                           threads=self.threads)
 
 
 class RayDataPasses:
@@ -298,7 +300,8 @@ def run_labelling(passes, cfg: ExperimentConfig, checkpoint: str | Path, dataset
     record = labelling_record(cfg, checkpoint, list(dataset.names), settings, priors_used)
     claimed = claim_output_dir(out_dir, record, overwrite=overwrite)
     counts = passes.label(cfg, checkpoint, dataset, out_dir, settings)
-    manifest = write_label_manifest(out_dir, cfg, checkpoint, counts, settings, priors_used)
+    manifest = write_label_manifest(out_dir, cfg, checkpoint, counts, settings, priors_used,
+                                    checkpoint_hash=record["checkpoint_sha256"])
     log(f"{counts['images']} images labelled in {counts['chunks_run']} of {counts['chunks_total']} chunks "
         f"({CLAIM_NOTES[claimed]}); {counts['failures']} failure(s)"
         + (f": {', '.join(f['name'] for f in counts['failed'])}" if counts["failures"] else "")
