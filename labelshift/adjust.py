@@ -192,6 +192,11 @@ class LocalIA:
             self.posterior_prior = calibrated if calibrated is not None else source_prior.pixel
         else:
             self.posterior_prior = source_prior.pixel if isinstance(source_prior, SourcePriors) else source_prior
+        self.presence_model = calibration.presence if calibration is not None else None
+        if self.settings.presence and self.presence_model is None:
+            raise ValueError("adjust.local.presence needs the presence model fitted with the calibration on source "
+                             "val (calibration.json 'presence'; an estimate stage written before it existed must "
+                             "re-run), or adjust.local.presence: false")
 
     def image_priors(self, logits: torch.Tensor) -> ImagePriors:
         """Raw logits (N, K, H, W), any resolution -> the per-image priors (N, K) with their diagnostics."""
@@ -200,7 +205,7 @@ class LocalIA:
         return estimate_image_priors(logits, self.settings, dataset_prior=self.target_prior,
                                      posterior_prior=self.posterior_prior,
                                      calibrate=self.calibration.apply if self.calibration is not None else None,
-                                     adjust_toward=self._adjust_toward)
+                                     adjust_toward=self._adjust_toward, presence_model=self.presence_model)
 
     def _adjust_toward(self, logits: torch.Tensor, image_priors: torch.Tensor) -> torch.Tensor:
         """logits (N, K, ...) adjusted toward per-image priors (N, K) (the maths of :func:`adjust_logits`)."""

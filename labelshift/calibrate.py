@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from labelshift.classes import IGNORE_INDEX
+from labelshift.image_presence import PresenceModel
 from labelshift.priors import ClassPrior, floor_probabilities
 
 CalibrationMethod = Literal["none", "temperature", "bcts", "bcts_anchored"]
@@ -43,6 +44,9 @@ class Calibration:
     bias: np.ndarray
     method: str = "temperature"
     metrics: dict[str, Any] = field(default_factory=dict)  # nll_before, nll_after, num_samples
+    # per-image class presence (labelshift.image_presence), fitted on the same source-val images; for
+    # adjust.local.presence
+    presence: PresenceModel | None = None
 
     def __post_init__(self) -> None:
         self.temperature = float(self.temperature)
@@ -96,16 +100,20 @@ class Calibration:
         return ClassPrior(source_prior.classes, effective, source_prior.kind, None, provenance)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "temperature": self.temperature, "bias": self.bias.tolist(),
-                "metrics": dict(self.metrics)}
+        document = {"method": self.method, "temperature": self.temperature, "bias": self.bias.tolist(),
+                    "metrics": dict(self.metrics)}
+        if self.presence is not None:
+            document["presence"] = self.presence.to_dict()
+        return document
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Calibration:
-        unknown = set(data) - {"method", "temperature", "bias", "metrics"}
+        unknown = set(data) - {"method", "temperature", "bias", "metrics", "presence"}
         if unknown or "temperature" not in data or "bias" not in data:
             raise ValueError(f"not a calibration document (keys {sorted(data)})")
+        presence = PresenceModel.from_dict(data["presence"]) if data.get("presence") else None
         return cls(data["temperature"], np.asarray(data["bias"], dtype=np.float64),
-                   data.get("method", "temperature"), dict(data.get("metrics") or {}))
+                   data.get("method", "temperature"), dict(data.get("metrics") or {}), presence)
 
 
 def _flatten_labelled(logits: Any, labels: Any, dim: int, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:

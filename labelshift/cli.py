@@ -99,10 +99,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                              "files)")
         from labelshift.estimate.per_image import LocalSettings
 
-        if args.adjust == "local" and LocalSettings.of(cfg.adjust.local).reads_calibrated and not args.calibration:
+        local_settings = LocalSettings.of(cfg.adjust.local)
+        if args.adjust == "local" and local_settings.reads_calibrated and not args.calibration:
             raise UsageError("--adjust local with map_em reads calibrated posteriors: it needs "
                              "--calibration (and --calibrated-source-prior, the *_source_calibrated.json), or "
                              "adjust.local.posteriors=raw")
+        if args.adjust == "local" and local_settings.presence and not args.calibration:
+            raise UsageError("--adjust local weighs classes by their presence: it needs --calibration (the "
+                             "calibration JSON estimate-prior wrote holds the presence model), or "
+                             "adjust.local.presence=false")
         if args.space == "calibrated" and not args.calibration:
             raise UsageError("--space calibrated needs --calibration (the calibration JSON estimate-prior wrote); "
                              "--source-prior is then the prior of the calibrated posteriors (*_source_calibrated.json)")

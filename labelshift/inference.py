@@ -8,6 +8,7 @@ the ignore index) each image's logits are upsampled to its own label size. The d
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -117,18 +118,42 @@ def evaluate(model: nn.Module, loader: Iterable[dict], num_classes: int, *, devi
     return matrices
 
 
+@dataclass
+class LabelledSample:
+    """What a labelled pass draws (:func:`sample_pixels`): a pixel sample, logits (M, K) float32 and labels (M,)
+    int64, and per image the presence features (N, K, 3) float64 of its raw logits and its label presence (N, K)
+    bool (:mod:`labelshift.image_presence`)."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    presence_features: torch.Tensor
+    presence: torch.Tensor
+
+    @classmethod
+    def concat(cls, samples: Iterable[LabelledSample]) -> LabelledSample:
+        """The samples of consecutive shards, in order."""
+        parts = list(samples)
+        return cls(*(torch.cat([getattr(part, name) for part in parts]) for name in
+                     ("logits", "labels", "presence_features", "presence")))
+
+
 def sample_pixels(model: nn.Module, loader: Iterable[dict], *, device: torch.device, pixels_per_image: int,
-                  seed: int = 0, amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded random sample of labelled pixels: logits (N, K) float32 and labels (N,) int64 (ignore dropped).
+                  seed: int = 0, amp_dtype: torch.dtype | None = None) -> LabelledSample:
+    """A seeded random sample of labelled pixels (logits (M, K) float32, labels (M,) int64, ignore dropped) and
+    each image's presence features and label presence.
 
     Up to ``pixels_per_image`` valid pixels of each image, drawn from a key of the image's name
     (:mod:`labelshift.sampling`), in the loader's order: the same sample however the split is batched or
-    sharded. Used to fit calibration and to measure the source confusion on a labelled split.
+    sharded. Used to fit calibration and the presence model and to measure the source confusion on a labelled
+    split.
     """
+    from labelshift.image_presence import PRESENCE_GRID_PIXELS, grid_pixels, label_presence, presence_features
     from labelshift.sampling import CALIBRATION_PIXELS, keyed_generator, name_key
 
-    logit_rows, label_rows = [], []
+    logit_rows, label_rows, feature_rows, presence_rows = [], [], [], []
     for logits, labels, names in iterate_predictions(model, loader, device=device, amp_dtype=amp_dtype):
+        feature_rows.append(presence_features(grid_pixels(logits, PRESENCE_GRID_PIXELS)).cpu())
+        presence_rows.append(label_presence(labels, logits.shape[1]))
         flat_logits = logits.permute(0, 2, 3, 1).reshape(logits.shape[0], -1, logits.shape[1]).cpu()
         flat_labels = labels.reshape(labels.shape[0], -1)
         for row, name in enumerate(names):
@@ -137,4 +162,5 @@ def sample_pixels(model: nn.Module, loader: Iterable[dict], *, device: torch.dev
             chosen = valid[torch.from_numpy(order[:pixels_per_image])]
             logit_rows.append(flat_logits[row, chosen])
             label_rows.append(flat_labels[row, chosen])
-    return torch.cat(logit_rows), torch.cat(label_rows)
+    return LabelledSample(torch.cat(logit_rows), torch.cat(label_rows), torch.cat(feature_rows),
+                          torch.cat(presence_rows))

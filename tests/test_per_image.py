@@ -15,7 +15,8 @@ from labelshift.calibrate import Calibration
 from labelshift.config import AdjustConfig
 from labelshift.config.sections import LocalAdjustConfig
 from labelshift.estimate import em_label_shift
-from labelshift.estimate.per_image import grid_pixels, map_em
+from labelshift.estimate.per_image import floor_rows, grid_pixels, map_em
+from labelshift.image_presence import PresenceModel, fit_presence_model, label_presence, presence_features
 from labelshift.priors import ClassPrior, SourcePriors
 
 CLASSES = ("a", "b", "c", "d")
@@ -62,7 +63,9 @@ def ia_inputs():
     source = ClassPrior(CLASSES, SOURCE, "pixel")
     calibrated = ClassPrior(CLASSES, [0.35, 0.3, 0.2, 0.15], "pixel")
     target = ClassPrior(CLASSES, [0.1, 0.2, 0.3, 0.4], "pixel")
-    calibration = Calibration(1.4, np.array([0.2, -0.1, 0.0, -0.1]), "bcts")
+    # a presence model that believes a class present when it wins a large share of the image
+    presence = PresenceModel(mean=[-3.0, 0.5, -0.5], scale=[1.0, 0.2, 0.5], weights=[3.0, 0.5, 0.5], bias=-1.0)
+    calibration = Calibration(1.4, np.array([0.2, -0.1, 0.0, -0.1]), "bcts", presence=presence)
     logits = torch.randn(8, len(CLASSES), 24, 40, generator=torch.Generator().manual_seed(3)) * 3
     return SourcePriors(source, source, calibrated), target, calibration, logits
 
@@ -71,16 +74,16 @@ def test_infinite_kappa_is_global_ia_exactly(ia_inputs):
     source, target, calibration, logits = ia_inputs
     for space in ("raw", "calibrated"):
         global_ia = ia_transform(AdjustConfig(space=space, temperature=0.8), source, target, calibration)
-        local = ia_transform(local_adjust(kappa=math.inf).model_copy(update={"space": space, "temperature": 0.8}),
-                             source, target, calibration)
+        local = ia_transform(local_adjust(kappa=math.inf, presence=False).model_copy(
+            update={"space": space, "temperature": 0.8}), source, target, calibration)
         assert isinstance(local, LocalIA) and not isinstance(global_ia, LocalIA)
         assert torch.equal(local(logits), global_ia(logits))
 
 
 def test_zero_kappa_is_plain_per_image_em(ia_inputs):
     source, target, calibration, logits = ia_inputs
-    local = ia_transform(local_adjust(kappa=0.0, floor=0.0, tol=1e-10, max_iter=5000, sample_pixels=240),
-                         source, target, calibration)
+    local = ia_transform(local_adjust(kappa=0.0, floor=0.0, tol=1e-10, max_iter=5000, sample_pixels=240,
+                                      presence=False), source, target, calibration)
     priors = local.image_priors(logits)
     assert not priors.fallback.any()
     posteriors = grid_pixels(calibration.apply(logits), 240).softmax(1)  # (N, K, M) the same grid
@@ -94,8 +97,9 @@ def test_zero_kappa_is_plain_per_image_em(ia_inputs):
 
 def test_local_outputs_do_not_depend_on_the_batch(ia_inputs):
     source, target, calibration, logits = ia_inputs
-    for estimator in ("map_em", "map_count"):
-        local = ia_transform(local_adjust(estimator=estimator, kappa=300.0), source, target, calibration)
+    for estimator, presence in (("map_em", False), ("map_count", False), ("map_em", True), ("map_count", True)):
+        local = ia_transform(local_adjust(estimator=estimator, kappa=300.0, presence=presence), source, target,
+                             calibration)
         together = local(logits)
         one_by_one = torch.cat([local(logits[index: index + 1]) for index in range(len(logits))])
         assert torch.equal(together, one_by_one)
@@ -104,14 +108,16 @@ def test_local_outputs_do_not_depend_on_the_batch(ia_inputs):
 
 def test_floor_and_fallback_are_applied_and_counted(ia_inputs):
     source, target, calibration, logits = ia_inputs
-    unconverged = ia_transform(local_adjust(kappa=0.0, max_iter=2, tol=1e-12), source, target, calibration)
+    unconverged = ia_transform(local_adjust(kappa=0.0, max_iter=2, tol=1e-12), source, target, calibration)  # presence on
     priors = unconverged.image_priors(logits)
     assert priors.counts()["fallback_images"] == len(logits)
     assert torch.equal(unconverged(logits), ia_transform(AdjustConfig(), source, target, calibration)(logits))
-    free = ia_transform(local_adjust(kappa=0.0, floor=0.0, max_iter=5000), source, target, calibration)
+    free = ia_transform(local_adjust(kappa=0.0, floor=0.0, max_iter=5000, presence=False), source, target,
+                        calibration)
     free_ratio = free.image_priors(logits).probs.numpy() / target.probs
     assert free_ratio.min() < 0.8  # without a floor, per-image EM pushes some classes below 0.9·π̂
-    floored = ia_transform(local_adjust(kappa=0.0, floor=0.9, max_iter=5000), source, target, calibration)
+    floored = ia_transform(local_adjust(kappa=0.0, floor=0.9, max_iter=5000, presence=False), source, target,
+                           calibration)
     priors = floored.image_priors(logits)
     counts = priors.counts()
     assert counts["fallback_images"] == 0
@@ -129,8 +135,59 @@ def test_local_mode_needs_a_pixel_prior_and_the_calibration(ia_inputs):
         ia_transform(local_adjust(), source, image_target, calibration)
     with pytest.raises(ValueError, match="needs the calibration"):
         ia_transform(local_adjust(), source, target, None)
-    assert isinstance(ia_transform(local_adjust(posteriors="raw"), source, target, None), LocalIA)
-    assert isinstance(ia_transform(local_adjust("map_count"), source, target, None), LocalIA)  # reads no posterior
+    assert isinstance(ia_transform(local_adjust(posteriors="raw", presence=False), source, target, None), LocalIA)
+    # map_count reads no posterior; presence needs the model the calibration carries
+    assert isinstance(ia_transform(local_adjust("map_count", presence=False), source, target, None), LocalIA)
+    with pytest.raises(ValueError, match="needs the presence model"):
+        ia_transform(local_adjust("map_count"), source, target, None)
+    without_model = Calibration(calibration.temperature, calibration.bias, "bcts")
+    with pytest.raises(ValueError, match="needs the presence model"):
+        ia_transform(local_adjust("map_count"), source, target, without_model)
+
+
+def test_presence_weighs_each_image_prior_by_its_class_presence(ia_inputs):
+    """q = normalise(q_without · max(P(present), floor)), P read on the image's grid after global IA, then the
+    usual floor; a class that never wins in an image loses its mass there, and the images where it wins keep it."""
+    source, target, calibration, logits = ia_inputs
+    logits = logits.clone()
+    logits[:4, 3] -= 12.0  # class d (almost) never wins in the first four images
+    settings = {"estimator": "map_count", "kappa": 300.0, "sample_pixels": 240}
+    without = ia_transform(local_adjust(presence=False, **settings), source, target, calibration)
+    weighted = ia_transform(local_adjust(presence=True, **settings), source, target, calibration)
+    global_ia = ia_transform(AdjustConfig(), source, target, calibration)
+    presence = calibration.presence.probability(presence_features(global_ia(grid_pixels(logits, 240))))
+    expected = without.image_priors(logits).probs * presence.clamp_min(0.01)
+    expected, _ = floor_rows(expected / expected.sum(1, keepdim=True), target.probs, 0.01)  # then the floor
+    found = weighted.image_priors(logits).probs
+    torch.testing.assert_close(found, expected, rtol=0, atol=1e-12)
+    assert (presence[:4, 3] < 0.05).all() and (presence[4:, 3] > 0.5).all()  # d: absent where it rarely wins
+    assert (found[:4, 3] < 0.05 * without.image_priors(logits).probs[:4, 3]).all()  # down to the floor, 0.01·π̂
+    assert torch.allclose(found[:4, 3], torch.tensor(0.01 * target.probs[3], dtype=torch.float64), rtol=0.05)
+
+
+def test_presence_model_separates_present_from_absent_classes_and_round_trips():
+    """Fitted on images whose present classes win large shares and absent ones at most a few confused pixels,
+    the model tells them apart on fresh images; the calibration document carries it."""
+    generator = torch.Generator().manual_seed(0)
+
+    def images(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.randint(0, 3, (count, 16, 16), generator=generator)  # classes 0-2 present, 3-5 absent
+        logits = torch.nn.functional.one_hot(labels, 6).permute(0, 3, 1, 2).float() * 4.0
+        logits = logits + torch.randn(logits.shape, generator=generator)  # a few pixels won by absent classes
+        return presence_features(grid_pixels(logits, 4096)), label_presence(labels, 6)
+
+    features, present = images(40)
+    model = fit_presence_model(features, present)
+    fresh_features, fresh_present = images(20)
+    probability = model.probability(fresh_features)
+    assert probability[fresh_present].min() > 0.9 and probability[~fresh_present].max() < 0.25
+    assert probability[~fresh_present].mean() < 0.02  # every pair on the right side of 1/2, most far from it
+    assert model.metrics["pairs"] == 40 * 6 and math.isclose(model.metrics["present_share"], 0.5)
+    document = Calibration(1.0, np.zeros(6), "temperature", presence=model).to_dict()
+    restored = Calibration.from_dict(json.loads(json.dumps(document))).presence
+    torch.testing.assert_close(restored.probability(fresh_features), probability)
+    with pytest.raises(ValueError, match="both present and absent"):
+        fit_presence_model(features, torch.ones_like(present))
 
 
 LOCAL_OVERRIDES = ("adjust.mode=local", "adjust.local.estimator=map_count", "adjust.local.kappa=300")
@@ -139,7 +196,7 @@ LOCAL_OVERRIDES = ("adjust.mode=local", "adjust.local.estimator=map_count", "adj
 def test_job_evaluates_and_pseudo_labels_with_per_image_priors(shared_cfg, tiny_trained, tmp_path):
     """The tiny world's job with ``adjust.mode: local``: evaluate_adapted gains the local row (global rows
     unchanged), and the pseudo stage (adapted model + IA as teacher) records each image's prior."""
-    from labelshift.artifacts import LOCAL_IA, TARGET, evaluation_key, ia_name, read_priors
+    from labelshift.artifacts import CALIBRATION_FILE, LOCAL_IA, TARGET, evaluation_key, ia_name, read_priors
     from labelshift.pipeline import Pipeline
     from labelshift.pseudo import IMAGE_PRIORS, LABEL_MANIFEST
     from labelshift.runners import LocalTrainRunner
@@ -163,6 +220,11 @@ def test_job_evaluates_and_pseudo_labels_with_per_image_priors(shared_cfg, tiny_
     assert image_priors.shape == (16, len(dataset_prior)) and np.allclose(image_priors.sum(1), 1.0)
     assert np.abs(image_priors - dataset_prior).sum(1).min() > 1e-3  # each image its own prior
     assert manifest["counts"]["prior_fallbacks"] == 0
+    # the estimate stage fitted the presence model with the calibration, on every source-val image
+    presence = json.loads((out / "stages" / "estimate" / CALIBRATION_FILE).read_text())["presence"]
+    assert presence["metrics"]["images"] > 0
+    assert presence["metrics"]["pairs"] == presence["metrics"]["images"] * len(dataset_prior)
+    assert 0 < presence["metrics"]["present_share"] < 1
 
 
 def test_evaluate_command_with_local_adjustment(tiny_trained, tmp_path):
@@ -179,7 +241,7 @@ def test_evaluate_command_with_local_adjustment(tiny_trained, tmp_path):
                   "--calibrated-source-prior", str(estimate / f"{SOURCE_CALIBRATED}.json")]
     assert main([*common, "--adjust", "ia", "--out", str(tmp_path / "ia.json"), *overrides]) == 0
     assert main([*common, "--adjust", "local", *calibrated, "--out", str(tmp_path / "local.json"), *overrides,
-                 "adjust.local.kappa=.inf"]) == 0
+                 "adjust.local.kappa=.inf", "adjust.local.presence=false"]) == 0
     assert main([*common, "--adjust", "local", *calibrated, "--out", str(tmp_path / "map_em.json"), *overrides,
                  "adjust.local.kappa=100"]) == 0
     ia, infinite, map_em_run = (json.loads((tmp_path / f"{name}.json").read_text())
@@ -188,3 +250,4 @@ def test_evaluate_command_with_local_adjustment(tiny_trained, tmp_path):
     assert map_em_run["local"]["kappa"] == 100 and map_em_run["calibrated_source_prior"]["kind"] == "pixel"
     assert main([*common, "--adjust", "local", "--out", str(tmp_path / "x.json"), *overrides,
                  "adjust.local.estimator=map_em"]) == 2  # map_em on calibrated posteriors needs the calibration
+    assert main([*common, "--adjust", "local", "--out", str(tmp_path / "x.json"), *overrides]) == 2  # presence too

@@ -187,6 +187,10 @@ class LocalAdjustConfig(StrictModel):
     q = (n_eff·mean_x r_x(q) + κ·π̂) / (n_eff + κ), so only κ/(κ + n_eff) decides; κ = inf is global IA exactly,
     κ = 0 plain per-image EM. ``map_count``: hard EM, the same shrinkage of the image's argmax histogram after IA
     toward its current prior, ``count_steps`` times from π̂ (the first step adjusts toward π̂: global IA).
+    ``presence``: the estimate is then multiplied by each class's probability of being present in the image (a
+    model fitted with the calibration on labelled source val, ``labelshift.image_presence``), floored at
+    ``floor``: classes an image predicts but most likely lacks lose their mass. ``kappa: .inf`` with
+    ``presence: false`` is global IA exactly.
     """
 
     estimator: Literal["map_em", "map_count"] = "map_count"  # chosen on the selection split (docs/per_image_priors.md)
@@ -198,6 +202,7 @@ class LocalAdjustConfig(StrictModel):
     max_iter: PositiveInt = 200
     tol: float = Field(1e-6, gt=0)  # L1 change of q; an image not converged by max_iter uses π̂ (counted)
     count_steps: PositiveInt = 3  # map_count: argmax-histogram steps
+    presence: bool = True  # weigh by P(class present in the image); chosen on the selection split (docs)
 
 
 class AdjustConfig(StrictModel):

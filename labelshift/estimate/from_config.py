@@ -3,6 +3,7 @@ estimate-prior`` run in one process (a Ray Data pass feeds the same functions fr
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
@@ -19,7 +20,8 @@ from labelshift.estimate.ensemble import ensembles_of
 from labelshift.estimate.passes import (calibrated_source_prior, estimator_results, feed_source_sample,
                                         label_statistics_of, make_estimators, needs_source_validation,
                                         update_estimators)
-from labelshift.inference import iterate_predictions, sample_pixels
+from labelshift.image_presence import PresenceModel, fit_presence_model
+from labelshift.inference import LabelledSample, iterate_predictions, sample_pixels
 from labelshift.models import checkpoint_sha256
 from labelshift.priors import PRIOR_KINDS, ClassPrior, LabelStatistics, PriorError, SourcePriors, load_prior
 
@@ -141,16 +143,18 @@ class EstimatorSetup:
 
 
 def prepare_estimators(cfg: ExperimentConfig, methods: tuple[str, ...],
-                       sample_source_val: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> EstimatorSetup:
-    """Source priors, the calibration fitted on ``sample_source_val()`` (logits (N, K), labels (N,); drawn only
-    when a method needs source val) and fresh estimators of ``methods`` fed that sample."""
+                       sample_source_val: Callable[[], LabelledSample]) -> EstimatorSetup:
+    """Source priors, the calibration (and its presence model) fitted on ``sample_source_val()`` (drawn only
+    when a method needs source val) and fresh estimators of ``methods`` fed its pixel sample."""
     class_names = class_set_of(cfg).names
     prior_cfg = cfg.prior
     source = source_priors(cfg)
     if needs_source_validation(methods, prior_cfg.calibration):
-        sample_logits, sample_labels = sample_source_val()
+        sample = sample_source_val()
+        sample_logits, sample_labels = sample.logits, sample.labels
         calibration = fit_calibration(sample_logits, sample_labels, method=prior_cfg.calibration,
                                       training_prior=source.pixel)
+        calibration.presence = presence_model_of(sample)
     else:
         calibration = Calibration.identity(len(class_names))
         sample_logits, sample_labels = torch.zeros(0, len(class_names)), torch.zeros(0, dtype=torch.long)
@@ -160,6 +164,16 @@ def prepare_estimators(cfg: ExperimentConfig, methods: tuple[str, ...],
     estimators = shard_estimators(cfg, methods, inputs)
     feed_source_sample(estimators, calibration, sample_logits, sample_labels)
     return EstimatorSetup(source, calibration, inputs, estimators, ensembles_of(methods))
+
+
+def presence_model_of(sample: LabelledSample) -> PresenceModel | None:
+    """The presence model fitted on the sample's images (None, with a warning, when they cannot fit one: no
+    class both present and absent)."""
+    try:
+        return fit_presence_model(sample.presence_features, sample.presence)
+    except ValueError as error:
+        warnings.warn(f"no presence model for adjust.local.presence: {error}", stacklevel=2)
+        return None
 
 
 def shard_estimators(cfg: ExperimentConfig, methods: tuple[str, ...],

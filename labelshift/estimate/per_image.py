@@ -15,6 +15,11 @@ Estimators (``adjust.local.estimator``):
 - ``map_count``: hard EM: the image's argmax histogram after IA toward its current prior, shrunk the same way,
   ``count_steps`` times from q = π̂ (the first step reads the argmax of global IA).
 
+With ``presence`` (the default) the estimate is then multiplied by each class's probability of being present in
+the image (:mod:`labelshift.image_presence`, a model fitted with the calibration on labelled source val, read on
+the image's logits after global IA), floored at ``floor``, and renormalised: the classes an image predicts but
+most likely does not contain lose their mass, where the shrinkage alone keeps λ·π̂_c for them.
+
 Safety: every class keeps at least ``floor``·π̂_c (then renormalised), and an image whose EM has not converged
 after ``max_iter`` iterations uses π̂; both are counted in :class:`ImagePriors`.
 """
@@ -26,6 +31,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+
+from labelshift.image_presence import PresenceModel, grid_pixels, presence_features
+
+__all__ = ["ImagePriors", "LocalSettings", "estimate_image_priors", "floor_rows", "grid_pixels", "map_count",
+           "map_em", "summarise_counts"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,7 @@ class LocalSettings:
     max_iter: int
     tol: float
     count_steps: int
+    presence: bool
 
     @classmethod
     def of(cls, local: Any) -> LocalSettings:
@@ -93,15 +104,6 @@ class ImagePriors:
         """A JSON-ready record of image ``index``: its prior and diagnostics."""
         return {"prior": self.probs[index].cpu().tolist(), "iterations": int(self.iterations[index]),
                 "fallback": bool(self.fallback[index]), "floored_classes": int(self.floored[index])}
-
-
-def grid_pixels(tensor: torch.Tensor, max_pixels: int) -> torch.Tensor:
-    """(N, K, H, W) -> (N, K, M): the pixels of a regular grid (stride s = ceil(sqrt(H·W / max_pixels)), offset
-    s // 2), M ≤ ``max_pixels`` up to rounding. The same pixels for an image whatever its batch."""
-    height, width = tensor.shape[-2:]
-    stride = max(1, math.ceil(math.sqrt(height * width / max(int(max_pixels), 1))))
-    offset = stride // 2
-    return tensor[:, :, offset::stride, offset::stride].flatten(2)
 
 
 def _as_rows(prior: Any, num_classes: int, device: torch.device, role: str) -> torch.Tensor:
@@ -193,17 +195,31 @@ def floor_rows(probs: torch.Tensor, dataset_prior: Any, floor: float) -> tuple[t
     return probs, floored
 
 
+def weigh_by_presence(probs: torch.Tensor, grid: torch.Tensor, centre: torch.Tensor, floor: float,
+                      presence_model: PresenceModel | None,
+                      adjust_toward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """q_c·max(P(c present | image), floor), renormalised; the presence read on the raw grid (N, K, M) after
+    global IA (IA toward ``centre``, the dataset prior (1, K))."""
+    if presence_model is None or adjust_toward is None:
+        raise ValueError("adjust.local.presence needs the presence model (fitted with the calibration on source "
+                         "val) and the IA toward per-image priors")
+    adjusted = adjust_toward(grid, centre.expand(grid.shape[0], -1))
+    present = presence_model.probability(presence_features(adjusted)).clamp_min(floor)
+    weighted = probs * present
+    return weighted / weighted.sum(1, keepdim=True)
+
+
 def estimate_image_priors(logits: torch.Tensor, settings: LocalSettings, *, dataset_prior: Any,
                           posterior_prior: Any, calibrate: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                          adjust_toward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-                          ) -> ImagePriors:
+                          adjust_toward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                          presence_model: PresenceModel | None = None) -> ImagePriors:
     """Per-image priors of a batch of raw logits (N, K, H, W) (any resolution: the model's output grid, the
     input or the label size; ``settings.sample_pixels`` of a regular grid are read).
 
     ``posterior_prior``: the prior the posteriors hold under (the calibrated source prior when
     ``settings.posteriors == "calibrated"``, else the source pixel prior); ``calibrate``: raw logits -> calibrated
     logits (required for calibrated posteriors); ``adjust_toward(logits, priors (N, K))``: IA toward per-image
-    priors (``map_count`` only).
+    priors (``map_count`` and ``presence``); ``presence_model``: required with ``settings.presence``.
     """
     grid = grid_pixels(logits, settings.sample_pixels)  # (N, K, M)
     device, num_images = logits.device, logits.shape[0]
@@ -225,6 +241,9 @@ def estimate_image_priors(logits: torch.Tensor, settings: LocalSettings, *, data
     else:
         raise ValueError(f"unknown per-image estimator {settings.estimator!r}; known: map_em, map_count")
     centre = _as_rows(dataset_prior, probs.shape[1], device, "dataset_prior")
+    if settings.presence:
+        probs = weigh_by_presence(probs, grid_pixels(logits, settings.sample_pixels), centre, settings.floor,
+                                  presence_model, adjust_toward)
     fallback = ~converged
     probs = torch.where(fallback[:, None], centre, probs)
     probs, floored = floor_rows(probs, dataset_prior, settings.floor)

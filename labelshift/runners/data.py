@@ -32,7 +32,7 @@ from labelshift.estimate.base import EstimatorInputs
 from labelshift.estimate.from_config import (CALIBRATION_PIXELS_PER_IMAGE, PriorEstimation, estimation_provenance,
                                              prepare_estimators, shard_estimators)
 from labelshift.estimate.passes import expect_pixels, merge_estimators, update_estimators
-from labelshift.inference import LogitTransform, evaluate, iterate_predictions, sample_pixels
+from labelshift.inference import LabelledSample, LogitTransform, evaluate, iterate_predictions, sample_pixels
 from labelshift.metrics import ConfusionMatrix
 from labelshift.priors import LabelStatistics
 from labelshift.pseudo import (TeacherSettings, label_split, missing_chunks, remove_stale_temporaries, summarise,
@@ -58,12 +58,12 @@ class EvaluateWork:
 
 @dataclass(frozen=True)
 class SampleWork:
-    """A labelled pixel sample of one chunk (``inference.sample_pixels``): logits (N, K), labels (N,)."""
+    """A labelled sample of one chunk (``inference.sample_pixels``)."""
 
     pixels_per_image: int
     seed: int
 
-    def __call__(self, model, chunk: dict, device: torch.device, amp_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, model, chunk: dict, device: torch.device, amp_dtype) -> LabelledSample:
         return sample_pixels(model, [as_eval_batch(chunk)], device=device, pixels_per_image=self.pixels_per_image,
                              seed=self.seed, amp_dtype=amp_dtype)
 
@@ -182,11 +182,10 @@ def evaluate_pass(cfg: ExperimentConfig, checkpoint: str | Path, which: str,
 
 
 def sample_pass(cfg: ExperimentConfig, checkpoint: str | Path, which: str, pixels_per_image: int,
-                seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The labelled pixel sample ``inference.sample_pixels`` draws from ``which``: logits (N, K), labels (N,)."""
+                seed: int) -> LabelledSample:
+    """The labelled sample ``inference.sample_pixels`` draws from ``which``, its chunks in order."""
     dataset, chunks = _split_chunks(cfg, which, with_labels=True)
-    samples = run_chunks(cfg, checkpoint, dataset, chunks, SampleWork(pixels_per_image, seed))
-    return torch.cat([logits for logits, _ in samples]), torch.cat([labels for _, labels in samples])
+    return LabelledSample.concat(run_chunks(cfg, checkpoint, dataset, chunks, SampleWork(pixels_per_image, seed)))
 
 
 def estimate_pass(cfg: ExperimentConfig, checkpoint: str | Path, *, methods: tuple[str, ...], with_oracle: bool,
