@@ -186,9 +186,10 @@ def test_engine_masks_equal_predict_with_the_same_ia_at_any_size(bundle_dir, tin
 
 def test_adjust_local_gives_each_image_its_own_prior_and_keeps_no_state(bundle_dir, tiny_world, tmp_path):
     # MAP-EM reads each image's soft posteriors (the default hard-EM can give two images of the tiny model's
-    # all-one-class masks the same prior)
+    # all-one-class masks the same prior, and so can the presence weighting, which keeps that one class)
+    assert bundle_dir.is_dir() and load_bundle(bundle_dir).calibration.presence is not None  # carried to Serve
     soft = tmp_path / "map_em.yaml"
-    soft.write_text("adjust: {local: {estimator: map_em}}\n")
+    soft.write_text("adjust: {local: {estimator: map_em, presence: false}}\n")
     bundle = apply_overrides_file(load_bundle(bundle_dir), soft)
     engine = SegmentationEngine(bundle)
     paths = sorted((tiny_world / "cityscapes" / "leftImg8bit" / "val").rglob("*.png"))[:2]

@@ -142,7 +142,21 @@ def prepare_seed(config: str, out: Path, seed: int, seed0_stages: Path | None,
     caches = {split: cached_logits(cfg, model_path, split, out / f"seed{seed}" / f"cache_{split}.pt")
               for split in CACHED_SPLITS}
     estimate_dir = stages / "estimate"
-    return SeedRun(seed, stages, read_priors(estimate_dir), read_calibration(estimate_dir), caches)
+    calibration = read_calibration(estimate_dir)
+    if calibration.presence is None:  # a stage written before presence models: the library's source-val pass
+        calibration.presence = presence_model_for(cfg, model_path)
+    return SeedRun(seed, stages, read_priors(estimate_dir), calibration, caches)
+
+
+def presence_model_for(cfg, model_path: Path):
+    """The presence model the estimate stage fits (``sample_pixels`` on source val, ``presence_model_of``)."""
+    from labelshift.build import build_model, eval_loader
+    from labelshift.estimate.from_config import CALIBRATION_PIXELS_PER_IMAGE, presence_model_of
+    from labelshift.inference import sample_pixels
+
+    model = build_model(cfg, model_path).eval()
+    return presence_model_of(sample_pixels(model, eval_loader(cfg, "source_val"), device=torch.device("cpu"),
+                                           pixels_per_image=CALIBRATION_PIXELS_PER_IMAGE, seed=cfg.prior.seed))
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -237,11 +251,12 @@ def ceilings(run: SeedRun, split: str = "target_val") -> dict[str, float]:
 
 
 def local_candidates() -> list[dict[str, Any]]:
-    """The per-image settings searched on the selection split (``effective_pixels`` 1000 throughout)."""
+    """The per-image settings searched on the selection split (``effective_pixels`` 1000 throughout), each
+    without and with the presence weighting."""
     candidates = [{"estimator": "map_em", "kappa": kappa} for kappa in (100.0, 300.0, 1000.0, 3000.0)]
     candidates += [{"estimator": "map_count", "kappa": kappa, "count_steps": steps}
                    for kappa in (100.0, 300.0, 1000.0, 3000.0) for steps in (1, 2, 3)]
-    return candidates
+    return [{**candidate, "presence": presence} for presence in (False, True) for candidate in candidates]
 
 
 def local_scores(run: SeedRun, centre_method: str, split: str) -> list[dict[str, Any]]:
@@ -284,7 +299,7 @@ def local_result(run: SeedRun, image_oracle: float, centre_method: str) -> dict[
 
 def score_key(score: dict[str, Any]) -> dict[str, Any]:
     """The setting a local score was measured with."""
-    return {key: score[key] for key in ("estimator", "kappa", "count_steps") if key in score}
+    return {key: score[key] for key in ("estimator", "kappa", "count_steps", "presence") if key in score}
 
 
 # ------------------------------------------------------------------------------------------------------ digits
@@ -319,8 +334,9 @@ def digits_small_batches(batch_sizes: Sequence[int] = (10, 30, 100), batches: in
             return 100.0 * float((adjusted.argmax(1)[:, 0] == labels).double().mean())
 
         global_ia = ia_transform(calibrated_ia, source, estimate, task.calibration)
-        oracle_local = ia_transform(calibrated_ia.model_copy(update={"mode": "local"}), source, pooled,
-                                    task.calibration)
+        no_presence = LocalAdjustConfig(presence=False)  # a batch of points has no image to read presence from
+        oracle_local = ia_transform(calibrated_ia.model_copy(update={"mode": "local", "local": no_presence}), source,
+                                    pooled, task.calibration)
         own_probs = torch.from_numpy(floor_probabilities(own.numpy(), warn=False))
         row = {"none": accuracy(logits), "dataset_oracle": accuracy(ia_transform(calibrated_ia, source, pooled,
                                                                                  task.calibration)(logits)),
@@ -331,7 +347,7 @@ def digits_small_batches(batch_sizes: Sequence[int] = (10, 30, 100), batches: in
         for estimator, kappa in (("map_em", 0.0), ("map_em", size / 3), ("map_em", float(size)),
                                  ("map_count", float(size))):
             local = ia_transform(calibrated_ia.model_copy(update={"mode": "local", "local": LocalAdjustConfig(
-                estimator=estimator, kappa=kappa, effective_pixels=size, floor=0.01)}), source, estimate,
+                estimator=estimator, kappa=kappa, effective_pixels=size, floor=0.01, presence=False)}), source, estimate,
                 task.calibration)
             row[f"{estimator}_kappa_{kappa / size:.2g}n"] = accuracy(local(logits))
         results[str(size)] = row
