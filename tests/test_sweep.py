@@ -233,9 +233,10 @@ def test_ia_space_searches_the_per_image_mode_and_skips_what_it_cannot_apply(tin
     from labelshift.selection import best_index
 
     space = ("sweep.ia.parameters={adjust.mode: {values: [global, local]}, adjust.local.kappa: {values: [100, 1e12]},"
-             " adjust.local.estimator: {values: [map_em, map_count]}, prior.method: {values: [em, reference]}}")
+             " adjust.local.estimator: {values: [map_em, map_count]}, prior.method: {values: [em, reference]},"
+             " adjust.local.presence: {values: [true, false]}}")
     overrides = _sweep_overrides(tiny_trained)
-    assert load_config(SWEEP_IA_CONFIG, [*overrides, space]).sweep.ia.grid_size() == 16
+    assert load_config(SWEEP_IA_CONFIG, [*overrides, space]).sweep.ia.grid_size() == 32
     for swept, message in (("adjust.local.max_iter: {values: [10]}", r"adjust.local.max_iter'\] cannot be swept"),
                            ("adjust.local.kappa: {values: [-1]}", r"sweep.ia.parameters.adjust.local.kappa: -1")):
         with pytest.raises(ConfigError, match=message):
@@ -244,7 +245,8 @@ def test_ia_space_searches_the_per_image_mode_and_skips_what_it_cannot_apply(tin
     # the selection split lacks: mIoU 0, global and local alike)
     settings = {"global": {"adjust.mode": "global", "prior.method": "count"},
                 "local": {"adjust.mode": "local", "adjust.local.kappa": 100.0, "prior.method": "count"},
-                "local_huge_kappa": {"adjust.mode": "local", "adjust.local.kappa": 1e12, "prior.method": "count"},
+                "local_huge_kappa": {"adjust.mode": "local", "adjust.local.kappa": 1e12, "adjust.local.presence": False,
+                                     "prior.method": "count"},
                 "global_reference": {"adjust.mode": "global", "prior.method": "reference"},
                 "local_reference": {"adjust.mode": "local", "adjust.local.kappa": 100.0, "prior.method": "reference"}}
     scores = {name: score_setting(tiny_sweep_inputs, setting) for name, setting in settings.items()}

@@ -26,7 +26,7 @@ SPACES: tuple[str, ...] = ("ia", "cr")
 IA_PATHS: tuple[str, ...] = ("adjust.space", "adjust.temperature", "adjust.tau_source", "adjust.tau_target",
                              "prior.method", "adjust.mode", "adjust.local.estimator", "adjust.local.kappa",
                              "adjust.local.effective_pixels", "adjust.local.floor",
-                             "adjust.local.count_steps")
+                             "adjust.local.count_steps", "adjust.local.presence")
 CR_PREFIX = "train.refine."
 CR_PATHS: tuple[str, ...] = ("prior.method",)  # besides every train.refine.* key
 LABEL_FREE_OBJECTIVES: tuple[str, ...] = ("expected_miou", "pseudo_miou", "em_loglik", "neg_entropy")
