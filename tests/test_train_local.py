@@ -222,6 +222,23 @@ def test_an_upstream_stage_that_ran_again_invalidates_everything_downstream(comp
     assert _stages(logs, "running") == _downstream_of("estimate")
 
 
+def test_a_stage_version_changes_its_fingerprint_and_every_downstream_one(completed_run, tmp_path, monkeypatch):
+    """Outputs of an older labelshift whose form changed (estimate's version 2: the presence model in
+    calibration.json) are not reused: the stage's fingerprint and its dependants' change, the others' do not."""
+    import dataclasses
+
+    from labelshift.pipeline import job as job_module
+
+    _, cfg = _copy_of(completed_run, tmp_path)
+    before = Pipeline(cfg, LocalTrainRunner(tmp_path / "train"), Tracker(), log=lambda m: None).fingerprints
+    assert job_module.STAGE_TABLE["estimate"].version == 2
+    monkeypatch.setattr(job_module, "STAGES", tuple(dataclasses.replace(stage, version=1) if stage.name == "estimate"
+                                                    else stage for stage in STAGES))
+    older = Pipeline(cfg, LocalTrainRunner(tmp_path / "train"), Tracker(), log=lambda m: None).fingerprints
+    changed = sorted(name for name in before if before[name] != older[name])
+    assert changed == sorted(_downstream_of("estimate"))
+
+
 def test_a_stage_whose_upstream_never_ran_is_an_error(tiny_trained, shared_cfg, tmp_path):
     out = tiny_trained.copy_stages(tmp_path / "run", stages=("pretrain",))
     with pytest.raises(RuntimeError, match="stage 'refine' needs the outputs of stage 'estimate'.*run 'estimate' "

@@ -41,6 +41,9 @@ class Stage:
     body: Callable[[steps.JobContext, StageDir], steps.StageResult]
     # when what it reads depends on the configuration: cfg -> (sections, upstream), replacing the two above
     inputs: Callable[[ExperimentConfig], tuple[tuple[str, ...], tuple[str, ...]]] | None = None
+    # bumped when the stage's outputs change form, so that outputs of an older labelshift are recomputed (a stage
+    # at version 1 leaves it out of its fingerprint)
+    version: int = 1
 
     def inputs_for(self, cfg: ExperimentConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(config sections, upstream stages) the stage reads under ``cfg``."""
@@ -49,7 +52,7 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage("pretrain", ("data", "model", "train.source"), (), steps.pretrain),
-    Stage("estimate", ("prior",), ("pretrain",), steps.estimate),
+    Stage("estimate", ("prior",), ("pretrain",), steps.estimate, version=2),  # 2: calibration.json's presence model
     Stage("evaluate_adapted", ("adjust", "eval"), ("estimate",), steps.evaluate_adapted),
     Stage("refine", ("train.refine",), ("estimate",), steps.refine),
     Stage("evaluate_refined", ("eval",), ("refine",), steps.evaluate_refined),
@@ -91,7 +94,8 @@ class Pipeline:
             sections, upstream = stage.inputs_for(cfg)
             self.fingerprints[stage.name] = fingerprint({
                 "stage": stage.name, "sections": self._cfg(*sections),
-                "upstream": [self.fingerprints[u] for u in upstream]})
+                "upstream": [self.fingerprints[u] for u in upstream],
+                **({"version": stage.version} if stage.version != 1 else {})})
 
     # ------------------------------------------------------------------ plumbing
     def _upstream_inputs(self, name: str) -> dict:
