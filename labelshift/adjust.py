@@ -194,9 +194,12 @@ class LocalIA:
             self.posterior_prior = source_prior.pixel if isinstance(source_prior, SourcePriors) else source_prior
         self.presence_model = calibration.presence if calibration is not None else None
         if self.settings.presence and self.presence_model is None:
-            raise ValueError("adjust.local.presence needs the presence model fitted with the calibration on source "
-                             "val (calibration.json 'presence'; an estimate stage written before it existed must "
-                             "re-run), or adjust.local.presence: false")
+            from labelshift.image_presence import MISSING_MODEL
+
+            raise ValueError(MISSING_MODEL)
+        # the presence model was fitted on raw logits under the source prior: read it after raw IA toward the
+        # dataset prior at T = τ = 1, whatever this transform's space, temperature and τ
+        self.presence_source = source_prior.pixel if isinstance(source_prior, SourcePriors) else source_prior
 
     def image_priors(self, logits: torch.Tensor) -> ImagePriors:
         """Raw logits (N, K, H, W), any resolution -> the per-image priors (N, K) with their diagnostics."""
@@ -205,7 +208,12 @@ class LocalIA:
         return estimate_image_priors(logits, self.settings, dataset_prior=self.target_prior,
                                      posterior_prior=self.posterior_prior,
                                      calibrate=self.calibration.apply if self.calibration is not None else None,
-                                     adjust_toward=self._adjust_toward, presence_model=self.presence_model)
+                                     adjust_toward=self._adjust_toward, presence_model=self.presence_model,
+                                     presence_view=self._presence_view)
+
+    def _presence_view(self, grid: torch.Tensor) -> torch.Tensor:
+        """Raw grid logits (N, K, M) -> raw IA toward the dataset prior (T = τ = 1): the presence model's space."""
+        return adjust_logits(grid, self.presence_source, self.target_prior)
 
     def _adjust_toward(self, logits: torch.Tensor, image_priors: torch.Tensor) -> torch.Tensor:
         """logits (N, K, ...) adjusted toward per-image priors (N, K) (the maths of :func:`adjust_logits`)."""

@@ -117,6 +117,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                               tau_target=args.tau_target, mode="local" if args.adjust == "local" else "global",
                               local=cfg.adjust.local)
         calibration = Calibration.from_dict(json.loads(Path(args.calibration).read_text())) if args.calibration else None
+        if args.adjust == "local" and local_settings.presence and calibration.presence is None:
+            from labelshift.image_presence import MISSING_MODEL
+
+            raise UsageError(f"{args.calibration}: {MISSING_MODEL}")
         source = priors["source_prior"]
         if args.calibrated_source_prior:  # the prior the calibrated posteriors hold under (local mode, calibrated space)
             priors["calibrated_source_prior"] = load_prior(args.calibrated_source_prior, class_set)

@@ -23,9 +23,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from labelshift.classes import IGNORE_INDEX
+
 FEATURES = ("log_share", "mean_winner_probability", "log_max_probability")
-PRESENCE_GRID_PIXELS = 4096  # grid pixels per source-val image the features are read on
+PRESENCE_GRID_PIXELS = 4096  # grid pixels per image the features are read on (fit and use alike)
 RIDGE = 1e-3  # L2 on the standardised weights: fixed a priori, not tuned
+MISSING_MODEL = ("adjust.local.presence needs the presence model that the estimate stage (or estimate-prior) fits "
+                 "on labelled source val with the calibration (calibration.json 'presence'); this calibration has "
+                 "none (written without a source-val pass, e.g. prior.calibration: none, by a labelshift before "
+                 "presence models, or the fit failed): re-run the estimate, or set adjust.local.presence: false")
 
 
 def grid_pixels(tensor: torch.Tensor, max_pixels: int) -> torch.Tensor:
@@ -48,14 +54,15 @@ def presence_features(adjusted: torch.Tensor) -> torch.Tensor:
                         torch.log(probs.amax(2) + 1e-4)], dim=-1)
 
 
-def label_presence(labels: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
-    """(N, H, W) labels -> (N, K) bool: the class has at least one labelled pixel in the image."""
-    rows = labels.reshape(labels.shape[0], -1).long()
-    present = torch.zeros(rows.shape[0], num_classes, dtype=torch.bool)
-    for index, row in enumerate(rows):
-        valid = row[row != ignore_index]
-        present[index, valid.unique().cpu()] = True
-    return present
+def label_presence(labels: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """(N, H, W) labels -> (N, K) bool on the CPU: the class has at least one labelled pixel in the image."""
+    rows = labels.reshape(labels.shape[0], -1).long().cpu()
+    valid = rows != ignore_index
+    if bool(((rows < 0) | (rows >= num_classes))[valid].any()):
+        raise ValueError(f"labels outside 0..{num_classes - 1} (other than the ignore index {ignore_index})")
+    counts = torch.zeros(rows.shape[0], num_classes, dtype=torch.int64)
+    counts.scatter_add_(1, torch.where(valid, rows, 0), valid.long())
+    return counts > 0
 
 
 @dataclass

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from labelshift.classes import IGNORE_INDEX
 from labelshift.metrics import ConfusionMatrix
 from labelshift.models import align_corners_of, upsample_logits
 
@@ -137,6 +138,14 @@ class LabelledSample:
                      ("logits", "labels", "presence_features", "presence")))
 
 
+def _recording_label_sizes(loader: Iterable[dict], sink: list) -> Iterator[dict]:
+    """The loader's batches, appending each batch's per-image label sizes (or None) to ``sink`` as it is read."""
+    for batch in loader:
+        sizes = batch.get("label_size")
+        sink.append(None if sizes is None else [tuple(size) for size in sizes.tolist()])
+        yield batch
+
+
 def sample_pixels(model: nn.Module, loader: Iterable[dict], *, device: torch.device, pixels_per_image: int,
                   seed: int = 0, amp_dtype: torch.dtype | None = None) -> LabelledSample:
     """A seeded random sample of labelled pixels (logits (M, K) float32, labels (M,) int64, ignore dropped) and
@@ -151,13 +160,19 @@ def sample_pixels(model: nn.Module, loader: Iterable[dict], *, device: torch.dev
     from labelshift.sampling import CALIBRATION_PIXELS, keyed_generator, name_key
 
     logit_rows, label_rows, feature_rows, presence_rows = [], [], [], []
-    for logits, labels, names in iterate_predictions(model, loader, device=device, amp_dtype=amp_dtype):
-        feature_rows.append(presence_features(grid_pixels(logits, PRESENCE_GRID_PIXELS)).cpu())
-        presence_rows.append(label_presence(labels, logits.shape[1]))
+    label_sizes: list[list[tuple[int, int]] | None] = []  # the current batch's per-image label sizes
+    for logits, labels, names in iterate_predictions(model, _recording_label_sizes(loader, label_sizes),
+                                                     device=device, amp_dtype=amp_dtype):
+        sizes = label_sizes[-1] or [tuple(labels.shape[-2:])] * len(names)
+        for row, (height, width) in enumerate(sizes):  # each image at its own size (a padded batch's rows)
+            if bool((labels[row, :height, :width] != IGNORE_INDEX).any()):  # an all-ignore image tells nothing
+                feature_rows.append(presence_features(grid_pixels(logits[row: row + 1, :, :height, :width],
+                                                                  PRESENCE_GRID_PIXELS)).cpu())
+                presence_rows.append(label_presence(labels[row: row + 1, :height, :width], logits.shape[1]))
         flat_logits = logits.permute(0, 2, 3, 1).reshape(logits.shape[0], -1, logits.shape[1]).cpu()
         flat_labels = labels.reshape(labels.shape[0], -1)
         for row, name in enumerate(names):
-            valid = torch.nonzero(flat_labels[row] != 255).squeeze(1)
+            valid = torch.nonzero(flat_labels[row] != IGNORE_INDEX).squeeze(1)
             order = keyed_generator(seed, CALIBRATION_PIXELS, name_key(name)).permutation(len(valid))
             chosen = valid[torch.from_numpy(order[:pixels_per_image])]
             logit_rows.append(flat_logits[row, chosen])

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from labelshift.adjust import LocalIA, ia_transform
+from labelshift.adjust import LocalIA, adjust_logits, ia_transform
 from labelshift.calibrate import Calibration
 from labelshift.config import AdjustConfig
 from labelshift.config.sections import LocalAdjustConfig
 from labelshift.estimate import em_label_shift
 from labelshift.estimate.per_image import floor_rows, grid_pixels, map_em
-from labelshift.image_presence import PresenceModel, fit_presence_model, label_presence, presence_features
+from labelshift.image_presence import (PRESENCE_GRID_PIXELS, PresenceModel, fit_presence_model, label_presence,
+                                       presence_features)
 from labelshift.priors import ClassPrior, SourcePriors
 
 CLASSES = ("a", "b", "c", "d")
@@ -154,8 +155,9 @@ def test_presence_weighs_each_image_prior_by_its_class_presence(ia_inputs):
     settings = {"estimator": "map_count", "kappa": 300.0, "sample_pixels": 240}
     without = ia_transform(local_adjust(presence=False, **settings), source, target, calibration)
     weighted = ia_transform(local_adjust(presence=True, **settings), source, target, calibration)
-    global_ia = ia_transform(AdjustConfig(), source, target, calibration)
-    presence = calibration.presence.probability(presence_features(global_ia(grid_pixels(logits, 240))))
+    # read on the presence grid after raw IA toward π̂ at T = τ = 1 (the model's own space)
+    presence = calibration.presence.probability(presence_features(
+        adjust_logits(grid_pixels(logits, PRESENCE_GRID_PIXELS), source.pixel, target)))
     expected = without.image_priors(logits).probs * presence.clamp_min(0.01)
     expected, _ = floor_rows(expected / expected.sum(1, keepdim=True), target.probs, 0.01)  # then the floor
     found = weighted.image_priors(logits).probs
@@ -163,6 +165,12 @@ def test_presence_weighs_each_image_prior_by_its_class_presence(ia_inputs):
     assert (presence[:4, 3] < 0.05).all() and (presence[4:, 3] > 0.5).all()  # d: absent where it rarely wins
     assert (found[:4, 3] < 0.05 * without.image_priors(logits).probs[:4, 3]).all()  # down to the floor, 0.01·π̂
     assert torch.allclose(found[:4, 3], torch.tensor(0.01 * target.probs[3], dtype=torch.float64), rtol=0.05)
+    # whatever the IA's space, temperature and τ (κ = inf: the estimate before presence is π̂ itself)
+    fixed = {"kappa": math.inf, "presence": True}
+    plain = ia_transform(local_adjust(**fixed), source, target, calibration).image_priors(logits).probs
+    for changes in ({"temperature": 0.5, "tau_target": 0.7}, {"space": "calibrated"}):
+        other = ia_transform(local_adjust(**fixed).model_copy(update=changes), source, target, calibration)
+        torch.testing.assert_close(other.image_priors(logits).probs, plain, rtol=0, atol=0)
 
 
 def test_presence_model_separates_present_from_absent_classes_and_round_trips():
@@ -251,3 +259,33 @@ def test_evaluate_command_with_local_adjustment(tiny_trained, tmp_path):
     assert main([*common, "--adjust", "local", "--out", str(tmp_path / "x.json"), *overrides,
                  "adjust.local.estimator=map_em"]) == 2  # map_em on calibrated posteriors needs the calibration
     assert main([*common, "--adjust", "local", "--out", str(tmp_path / "x.json"), *overrides]) == 2  # presence too
+    document = json.loads((estimate / CALIBRATION_FILE).read_text())
+    (tmp_path / "old_calibration.json").write_text(json.dumps({k: v for k, v in document.items() if k != "presence"}))
+    old = ["--calibration", str(tmp_path / "old_calibration.json"), "--calibrated-source-prior",
+           str(estimate / f"{SOURCE_CALIBRATED}.json")]
+    assert main([*common, "--adjust", "local", *old, "--out", str(tmp_path / "x.json"), *overrides]) == 2
+    assert main([*common, "--adjust", "local", *old, "--out", str(tmp_path / "x.json"), *overrides,
+                 "adjust.local.presence=false"]) == 0
+
+
+def test_the_source_val_pass_reads_presence_at_each_labels_own_size_and_skips_unlabelled_images():
+    """A batch whose labels differ in size is padded (collate_eval): each image's presence features are read on
+    its own size, equal to the image alone; an image with no labelled pixel adds no presence pair."""
+    from labelshift.data.io import collate_eval
+    from labelshift.inference import sample_pixels
+
+    model = torch.nn.Conv2d(3, 5, 1).eval()
+    generator = torch.Generator().manual_seed(1)
+    items = [{"image": torch.randn(3, 8, 12, generator=generator), "name": name,
+              "label": torch.randint(0, 5, size, generator=generator)}
+             for name, size in (("wide", (16, 24)), ("small", (10, 14)))]
+    unlabelled = {"image": torch.randn(3, 8, 12, generator=generator), "name": "void",
+                  "label": torch.full((16, 24), 255, dtype=torch.int64)}
+    options = {"device": torch.device("cpu"), "pixels_per_image": 50}
+    with torch.no_grad():
+        together = sample_pixels(model, [collate_eval(items + [unlabelled])], **options)
+        alone = [sample_pixels(model, [collate_eval([item])], **options) for item in items]
+    assert together.presence_features.shape == (2, 5, 3) and together.presence.shape == (2, 5)
+    for row, single in enumerate(alone):
+        torch.testing.assert_close(together.presence_features[row], single.presence_features[0])
+        assert torch.equal(together.presence[row], single.presence[0])

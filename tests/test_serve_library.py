@@ -188,6 +188,10 @@ def test_adjust_local_gives_each_image_its_own_prior_and_keeps_no_state(bundle_d
     # MAP-EM reads each image's soft posteriors (the default hard-EM can give two images of the tiny model's
     # all-one-class masks the same prior, and so can the presence weighting, which keeps that one class)
     assert bundle_dir.is_dir() and load_bundle(bundle_dir).calibration.presence is not None  # carried to Serve
+    without_model = load_bundle(bundle_dir)
+    without_model.calibration.presence = None  # a bundle exported before presence models: a 422, not a 500
+    with pytest.raises(ParameterError, match="needs the presence model"):
+        SegmentationEngine(without_model).check_options(SegmentOptions("local"))
     soft = tmp_path / "map_em.yaml"
     soft.write_text("adjust: {local: {estimator: map_em, presence: false}}\n")
     bundle = apply_overrides_file(load_bundle(bundle_dir), soft)

@@ -32,7 +32,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from labelshift.image_presence import PresenceModel, grid_pixels, presence_features
+from labelshift.image_presence import (MISSING_MODEL, PRESENCE_GRID_PIXELS, PresenceModel, grid_pixels,
+                                       presence_features)
 
 __all__ = ["ImagePriors", "LocalSettings", "estimate_image_priors", "floor_rows", "grid_pixels", "map_count",
            "map_em", "summarise_counts"]
@@ -195,16 +196,13 @@ def floor_rows(probs: torch.Tensor, dataset_prior: Any, floor: float) -> tuple[t
     return probs, floored
 
 
-def weigh_by_presence(probs: torch.Tensor, grid: torch.Tensor, centre: torch.Tensor, floor: float,
-                      presence_model: PresenceModel | None,
-                      adjust_toward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
-    """q_c·max(P(c present | image), floor), renormalised; the presence read on the raw grid (N, K, M) after
-    global IA (IA toward ``centre``, the dataset prior (1, K))."""
-    if presence_model is None or adjust_toward is None:
-        raise ValueError("adjust.local.presence needs the presence model (fitted with the calibration on source "
-                         "val) and the IA toward per-image priors")
-    adjusted = adjust_toward(grid, centre.expand(grid.shape[0], -1))
-    present = presence_model.probability(presence_features(adjusted)).clamp_min(floor)
+def weigh_by_presence(probs: torch.Tensor, presence_logits: torch.Tensor, floor: float,
+                      presence_model: PresenceModel | None) -> torch.Tensor:
+    """q_c·max(P(c present | image), floor), renormalised; P read on ``presence_logits`` (N, K, M), the image's
+    grid after global IA toward the dataset prior in the presence model's own space."""
+    if presence_model is None:
+        raise ValueError(MISSING_MODEL)
+    present = presence_model.probability(presence_features(presence_logits)).clamp_min(floor)
     weighted = probs * present
     return weighted / weighted.sum(1, keepdim=True)
 
@@ -212,15 +210,20 @@ def weigh_by_presence(probs: torch.Tensor, grid: torch.Tensor, centre: torch.Ten
 def estimate_image_priors(logits: torch.Tensor, settings: LocalSettings, *, dataset_prior: Any,
                           posterior_prior: Any, calibrate: Callable[[torch.Tensor], torch.Tensor] | None = None,
                           adjust_toward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                          presence_model: PresenceModel | None = None) -> ImagePriors:
+                          presence_model: PresenceModel | None = None,
+                          presence_view: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ImagePriors:
     """Per-image priors of a batch of raw logits (N, K, H, W) (any resolution: the model's output grid, the
     input or the label size; ``settings.sample_pixels`` of a regular grid are read).
 
     ``posterior_prior``: the prior the posteriors hold under (the calibrated source prior when
     ``settings.posteriors == "calibrated"``, else the source pixel prior); ``calibrate``: raw logits -> calibrated
     logits (required for calibrated posteriors); ``adjust_toward(logits, priors (N, K))``: IA toward per-image
-    priors (``map_count`` and ``presence``); ``presence_model``: required with ``settings.presence``.
+    priors (``map_count``); with ``settings.presence``: ``presence_model`` and ``presence_view`` (raw grid logits
+    (N, K, M) -> the logits the presence features are read on: IA toward the dataset prior at T = τ = 1 in the raw
+    space, as the model was fitted, whatever the IA settings).
     """
+    if settings.presence and (presence_model is None or presence_view is None):
+        raise ValueError(MISSING_MODEL)
     grid = grid_pixels(logits, settings.sample_pixels)  # (N, K, M)
     device, num_images = logits.device, logits.shape[0]
     iterations = torch.zeros(num_images, dtype=torch.int64, device=device)
@@ -242,8 +245,8 @@ def estimate_image_priors(logits: torch.Tensor, settings: LocalSettings, *, data
         raise ValueError(f"unknown per-image estimator {settings.estimator!r}; known: map_em, map_count")
     centre = _as_rows(dataset_prior, probs.shape[1], device, "dataset_prior")
     if settings.presence:
-        probs = weigh_by_presence(probs, grid_pixels(logits, settings.sample_pixels), centre, settings.floor,
-                                  presence_model, adjust_toward)
+        probs = weigh_by_presence(probs, presence_view(grid_pixels(logits, PRESENCE_GRID_PIXELS)), settings.floor,
+                                  presence_model)
     fallback = ~converged
     probs = torch.where(fallback[:, None], centre, probs)
     probs, floored = floor_rows(probs, dataset_prior, settings.floor)

@@ -133,6 +133,11 @@ class SegmentationEngine:
         if local and self.target_prior.kind != "pixel":
             raise ParameterError(f"adjust=local (or adjust.mode: local) shrinks each image's prior toward a pixel "
                                  f"prior; the target prior {self.target_name!r} is an {self.target_prior.kind} prior")
+        calibration = self.bundle.calibration
+        if local and self.adjust.local.presence and (calibration is None or calibration.presence is None):
+            from labelshift.image_presence import MISSING_MODEL
+
+            raise ParameterError(f"adjust=local: {MISSING_MODEL}")
 
     def _transform(self, options: SegmentOptions, adjust: AdjustConfig, target: tuple[str, ClassPrior]
                    ) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, str | None]:
