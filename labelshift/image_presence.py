@@ -7,7 +7,9 @@ classes absent from an image (keeping the dataset prior for present classes and 
 the same ceiling). A per-image prior estimated from pixel counts keeps mass on the confusable classes the model
 does predict there; this model tells those apart by how they are predicted.
 
-Features of (image, class), on a grid of the image's logits after global IA (``adjusted``, (N, K, M)):
+Features of (image, class), on a grid of ``PRESENCE_GRID_PIXELS`` of the image's logits after raw global IA
+toward the dataset prior at T = τ = 1 (``adjusted``, (N, K, M); the same whatever the IA's own settings, as the
+model was fitted):
 log(share of the grid the class wins + 1e-3), the class's mean probability over the pixels it wins (0 when it
 wins none), log(the class's highest probability anywhere in the image + 1e-4). One standardised logistic
 regression pooled over classes (3 weights and a bias, L2 ``ridge``), fitted by L-BFGS in float64 on the
