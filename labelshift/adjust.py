@@ -184,14 +184,15 @@ class LocalIA:
             raise ValueError(f"adjust.mode local needs a pixel target prior, got {target_prior.describe()}")
         self.settings = LocalSettings.of(adjust.local)
         self.global_ia, self.target_prior, self.calibration = global_ia, target_prior, calibration
+        pixel_source = source_prior.pixel if isinstance(source_prior, SourcePriors) else source_prior
         if self.settings.reads_calibrated:
             if calibration is None:
                 raise ValueError("adjust.mode local on calibrated posteriors needs the calibration "
                                  "(or adjust.local.posteriors: raw)")
             calibrated = source_prior.calibrated if isinstance(source_prior, SourcePriors) else source_prior
-            self.posterior_prior = calibrated if calibrated is not None else source_prior.pixel
+            self.posterior_prior = calibrated if calibrated is not None else pixel_source
         else:
-            self.posterior_prior = source_prior.pixel if isinstance(source_prior, SourcePriors) else source_prior
+            self.posterior_prior = pixel_source
         self.presence_model = calibration.presence if calibration is not None else None
         if self.settings.presence and self.presence_model is None:
             from labelshift.image_presence import MISSING_MODEL
@@ -199,7 +200,7 @@ class LocalIA:
             raise ValueError(MISSING_MODEL)
         # the presence model was fitted on raw logits under the source prior: read it after raw IA toward the
         # dataset prior at T = τ = 1, whatever this transform's space, temperature and τ
-        self.presence_source = source_prior.pixel if isinstance(source_prior, SourcePriors) else source_prior
+        self.presence_source = pixel_source
 
     def image_priors(self, logits: torch.Tensor) -> ImagePriors:
         """Raw logits (N, K, H, W), any resolution -> the per-image priors (N, K) with their diagnostics."""

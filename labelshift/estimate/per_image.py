@@ -197,11 +197,9 @@ def floor_rows(probs: torch.Tensor, dataset_prior: Any, floor: float) -> tuple[t
 
 
 def weigh_by_presence(probs: torch.Tensor, presence_logits: torch.Tensor, floor: float,
-                      presence_model: PresenceModel | None) -> torch.Tensor:
+                      presence_model: PresenceModel) -> torch.Tensor:
     """q_c·max(P(c present | image), floor), renormalised; P read on ``presence_logits`` (N, K, M), the image's
     grid after global IA toward the dataset prior in the presence model's own space."""
-    if presence_model is None:
-        raise ValueError(MISSING_MODEL)
     present = presence_model.probability(presence_features(presence_logits)).clamp_min(floor)
     weighted = probs * present
     return weighted / weighted.sum(1, keepdim=True)
